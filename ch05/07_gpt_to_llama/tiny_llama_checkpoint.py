@@ -1,0 +1,138 @@
+"""Tiny random stand-ins for Meta's gated Llama files, for tests and offline runs.
+
+Meta's weights and tokenizers need a Hugging Face account and a license click, so
+CI (and anyone offline) cannot download them. These functions write files with the
+same layout instead: a Hugging Face checkpoint folder (config.json +
+model.safetensors) made by `transformers`' own `LlamaForCausalLM`, a tiktoken ranks
+file for the Llama 3 tokenizer learned from a little text, and a sentencepiece model
+for Llama 2. The notebooks' weight-loading cells then run the real code paths on them.
+"""
+
+import base64
+from collections import Counter
+from pathlib import Path
+
+import torch
+from llama3 import LLAMA3_SPECIAL_TOKENS, LLAMA3_SPLIT_PATTERN
+
+SAMPLE_TEXT = (
+    "The quick brown fox jumps over the lazy dog. A large language model predicts the next token.\n"
+    "Llamas are domesticated South American camelids, widely used as meat and pack animals.\n"
+    "What do llamas eat? Llamas eat grass, hay and other plants. They are herbivores.\n"
+) * 4
+
+
+def train_byte_bpe(text: str, n_merges: int) -> dict[bytes, int]:
+    """Byte-level BPE ranks: the 256 single bytes, then the `n_merges` most frequent pair merges.
+
+    Text is pre-split with Llama 3's pattern, as tiktoken does before merging, so merges
+    never cross word boundaries.
+    """
+    import regex
+
+    ranks = {bytes([b]): b for b in range(256)}
+    words = Counter(regex.findall(LLAMA3_SPLIT_PATTERN, text))
+    pieces = {word: [bytes([b]) for b in word.encode("utf-8")] for word in words}
+    for _ in range(n_merges):
+        pairs = Counter()
+        for word, count in words.items():
+            seq = pieces[word]
+            for pair in zip(seq, seq[1:], strict=False):
+                pairs[pair] += count
+        if not pairs:
+            break
+        (a, b), _ = pairs.most_common(1)[0]
+        ranks.setdefault(a + b, len(ranks))
+        for word, seq in pieces.items():
+            merged, i = [], 0
+            while i < len(seq):
+                if i + 1 < len(seq) and seq[i] == a and seq[i + 1] == b:
+                    merged.append(a + b)
+                    i += 2
+                else:
+                    merged.append(seq[i])
+                    i += 1
+            pieces[word] = merged
+    return ranks
+
+
+def write_tiktoken_ranks(ranks: dict[bytes, int], path: str | Path) -> Path:
+    """Write ranks in tiktoken's `base64(token) rank` format, the format of Llama 3's tokenizer.model."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"{base64.b64encode(token).decode()} {rank}" for token, rank in sorted(ranks.items(), key=lambda x: x[1])]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def train_tiny_sentencepiece(text: str, folder: str | Path, vocab_size: int = 300) -> Path:
+    """A small BPE sentencepiece model with Llama 2's settings.
+
+    Like Meta's: byte fallback (no character is ever unknown), <unk>=0, <s>=1, </s>=2,
+    digits split, and no text normalization, so decoding gives back the exact input.
+    """
+    import sentencepiece as spm
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus = folder / "corpus.txt"
+    corpus.write_text(text)
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(folder / "tokenizer"), vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
+        split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        minloglevel=2)
+    return folder / "tokenizer.model"
+
+
+def hf_llama_config(version: str, vocab_size: int, sizes: dict | None = None):
+    """A tiny `transformers.LlamaConfig` with the features of Llama `version` ("2", "3", "3.1" or "3.2")."""
+    from transformers import LlamaConfig
+
+    dims = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 8,
+            "max_position_embeddings": 128, **(sizes or {})}
+    rope = {"rope_type": "default", "rope_theta": 10_000.0}
+    if version != "2":
+        rope["rope_theta"] = 500_000.0
+    if version in ("3.1", "3.2"):
+        # Llama 3.1/3.2 scaling with a small "original context" so the tiny model's positions reach it.
+        rope.update(rope_type="llama3", factor=8.0 if version == "3.1" else 32.0, low_freq_factor=1.0,
+                    high_freq_factor=4.0, original_max_position_embeddings=32)
+    return LlamaConfig(
+        vocab_size=vocab_size, **dims,
+        num_key_value_heads=dims["num_attention_heads"] if version == "2" else dims["num_attention_heads"] // 4,
+        rms_norm_eps=1e-5, rope_parameters=rope, tie_word_embeddings=version == "3.2",
+        bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
+
+def make_tiny_llama3_checkpoint(folder: str | Path, version: str = "3.2", n_merges: int = 200,
+                                seed: int = 123) -> Path:
+    """Write a random Llama `version` checkpoint folder laid out like Meta's Hugging Face repositories.
+
+    Contents: config.json and model.safetensors (saved by transformers itself) and
+    original/tokenizer.model (tiktoken ranks learned from SAMPLE_TEXT). The vocabulary
+    is the ranks plus Llama 3's 256 special tokens, as in the real 128,256.
+    """
+    from transformers import LlamaForCausalLM
+
+    folder = Path(folder)
+    ranks = train_byte_bpe(SAMPLE_TEXT, n_merges)
+    write_tiktoken_ranks(ranks, folder / "original" / "tokenizer.model")
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(hf_llama_config(version, len(ranks) + len(LLAMA3_SPECIAL_TOKENS)))
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def make_tiny_llama2_checkpoint(folder: str | Path, seed: int = 123) -> Path:
+    """Like `make_tiny_llama3_checkpoint`, for Llama 2: a sentencepiece tokenizer.model beside the weights."""
+    import sentencepiece as spm
+    from transformers import LlamaForCausalLM
+
+    folder = Path(folder)
+    tokenizer_path = train_tiny_sentencepiece(SAMPLE_TEXT, folder / "spm")
+    (folder / "tokenizer.model").write_bytes(tokenizer_path.read_bytes())
+    vocab_size = spm.SentencePieceProcessor(model_file=str(tokenizer_path)).get_piece_size()
+    torch.manual_seed(seed)
+    LlamaForCausalLM(hf_llama_config("2", vocab_size)).save_pretrained(folder, safe_serialization=True)
+    return folder
