@@ -20,7 +20,6 @@ folders that use it (`03_bonus_pretraining_on_gutenberg`, and others).
 import math
 
 import torch
-
 from ch05_utils import calc_loss_batch, evaluate_model, generate_and_print_sample
 
 
