@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
-for folder in sorted((ROOT / "ch05").glob("[0-9][0-9]_*")):
+for folder in sorted((ROOT / "ch05").glob("[0-9][0-9]_*"), reverse=True):  # 01 ends up first
     sys.path.insert(0, str(folder))
 sys.path.append(str(ROOT / "tests"))  # test helpers such as openai_checkpoint.py
 

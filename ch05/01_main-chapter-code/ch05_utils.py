@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from previous_chapters import GPTModel, create_dataloader_v1
+from previous_chapters import GPTModel, create_dataloader_v1, get_tokenizer
 
 THE_VERDICT_URL = (
     "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt"
@@ -127,21 +127,20 @@ def create_train_val_loaders(text: str, cfg: dict, batch_size: int, train_ratio:
     split_idx = int(train_ratio * len(text))
     train_text, val_text = text[:split_idx], text[split_idx:]
     ctx = cfg["context_length"]
-    loaders = []
-    for name, part, shuffle, drop_last in (("training", train_text, True, True),
-                                           ("validation", val_text, False, False)):
-        loader = create_dataloader_v1(
-            part, batch_size=batch_size, max_length=ctx, stride=ctx, shuffle=shuffle,
-            drop_last=drop_last, generator=torch.Generator().manual_seed(seed) if shuffle else None,
-        )
-        if len(loader) == 0:
+    tokenizer = get_tokenizer()
+    for name, part, min_windows in (("training", train_text, batch_size), ("validation", val_text, 1)):
+        n_windows = len(range(0, len(tokenizer.encode(part, allowed_special={"<|endoftext|>"})) - ctx, ctx))
+        if n_windows < min_windows:
             raise ValueError(
                 f"The {name} split ({len(part):,} characters) is too short for one batch of "
-                f"{batch_size} window(s) of context_length={ctx} tokens (+1 for the target). "
+                f"{min_windows} window(s) of context_length={ctx} tokens (+1 for the target). "
                 "Use a longer text, a smaller --context-length, or a smaller --batch-size."
             )
-        loaders.append(loader)
-    return loaders[0], loaders[1]
+    train_loader = create_dataloader_v1(train_text, batch_size=batch_size, max_length=ctx, stride=ctx,
+                                        shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(seed))
+    val_loader = create_dataloader_v1(val_text, batch_size=batch_size, max_length=ctx, stride=ctx,
+                                      shuffle=False, drop_last=False)
+    return train_loader, val_loader
 
 
 #####################################

@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
+    for stale in args.output_dir.glob(CHECKPOINT_NAME + ".*.tmp"):
+        stale.unlink()  # left behind by a run killed while it was saving
     model = GPTModel(cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     progress = TrainProgress()
