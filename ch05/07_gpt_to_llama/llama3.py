@@ -538,7 +538,7 @@ def format_llama2_chat(user_message: str, system_prompt: str | None = None) -> s
 #####################################
 
 # Hugging Face's parameter names -> ours, per layer and for the rest.
-_HF_LAYER_NAMES = {
+HF_LAYER_NAMES = {
     "self_attn.q_proj.weight": "att.W_query.weight",
     "self_attn.k_proj.weight": "att.W_key.weight",
     "self_attn.v_proj.weight": "att.W_value.weight",
@@ -549,7 +549,7 @@ _HF_LAYER_NAMES = {
     "input_layernorm.weight": "norm1.weight",
     "post_attention_layernorm.weight": "norm2.weight",
 }
-_HF_OTHER_NAMES = {
+HF_OTHER_NAMES = {
     "model.embed_tokens.weight": "tok_emb.weight",
     "model.norm.weight": "final_norm.weight",
     "lm_head.weight": "out_head.weight",
@@ -558,11 +558,11 @@ _HF_OTHER_NAMES = {
 
 def hf_to_our_name(hf_name: str) -> str | None:
     """Our parameter name for a Hugging Face Llama tensor name (None if it is not a Llama weight)."""
-    if hf_name in _HF_OTHER_NAMES:
-        return _HF_OTHER_NAMES[hf_name]
+    if hf_name in HF_OTHER_NAMES:
+        return HF_OTHER_NAMES[hf_name]
     parts = hf_name.split(".", 3)  # model, layers, i, rest
-    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and parts[3] in _HF_LAYER_NAMES:
-        return f"trf_blocks.{parts[2]}.{_HF_LAYER_NAMES[parts[3]]}"
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and parts[3] in HF_LAYER_NAMES:
+        return f"trf_blocks.{parts[2]}.{HF_LAYER_NAMES[parts[3]]}"
     return None
 
 
