@@ -1,0 +1,244 @@
+"""What the two chat apps share, without any Chainlit: settings, prompts, streaming.
+
+The apps (`app_own.py`, `app_orig.py`) are thin Chainlit wrappers around this module,
+so everything here can be tested with a tiny model and no web server.
+
+- `GenerationSettings` / `validate_settings`: the per-session chat settings and their ranges.
+- `prepare_prompt`: tokenize, and cut long prompts from the left so the reply still fits.
+- `reply_pieces`: generate with the KV cache and turn tokens into text pieces as they come.
+- `stream_in_thread`: run that generator in a worker thread and hand the pieces to asyncio,
+  so a reply being generated never blocks the web server's event loop (other users).
+"""
+
+import asyncio
+import codecs
+import secrets
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import tiktoken
+import torch
+from ch05_utils import get_device, load_checkpoint
+from gpt_kv_cache import GPTModelKV, generate_stream
+from previous_chapters import get_tokenizer
+
+END_OF_TEXT = "<|endoftext|>"
+MAX_NEW_TOKENS_LIMIT = 1000  # the upper end of the setting, for models with long contexts
+
+
+@dataclass
+class ChatModel:
+    """A model ready to chat: in eval mode, with its tokenizer and a name for the page."""
+    model: GPTModelKV
+    tokenizer: tiktoken.Encoding
+    name: str
+
+    @property
+    def context_length(self) -> int:
+        return self.model.context_length
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.tok_emb.num_embeddings
+
+
+def make_chat_model(model: GPTModelKV, name: str) -> ChatModel:
+    """Wrap `model` for chatting. It is switched to eval mode here, once, for good:
+    dropout must be off when generating, and the KV-cache path refuses training mode."""
+    return ChatModel(model.eval(), get_tokenizer(), name)
+
+
+def load_own_checkpoint(path: str | Path, device: str = "auto") -> ChatModel:
+    """The model saved by `gpt_train.py` (its config travels in the checkpoint)."""
+    checkpoint = load_checkpoint(path)
+    model = GPTModelKV(checkpoint["config"])
+    model.load_state_dict(checkpoint["model"])
+    return make_chat_model(model.to(get_device(device)), f"your model ({Path(path).name})")
+
+
+#####################################
+# Settings
+#####################################
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How a reply is generated. temperature 0 means greedy (top-k/top-p then do nothing);
+    top_k 0 and top_p 1.0 switch those filters off; seed -1 draws a new random seed for
+    each reply, any other seed makes the same prompt give the same reply."""
+    temperature: float = 0.7
+    top_k: int = 50
+    top_p: float = 0.95
+    max_new_tokens: int = 50
+    seed: int = -1
+
+
+class SettingsError(ValueError):
+    """Settings outside their ranges; the message lists every problem."""
+
+
+def max_new_tokens_limit(context_length: int) -> int:
+    """At most half the context window may go to the reply, so the prompt keeps the other half."""
+    return max(1, min(MAX_NEW_TOKENS_LIMIT, context_length // 2))
+
+
+def settings_ranges(context_length: int, vocab_size: int) -> dict[str, tuple[float, float]]:
+    """The allowed (min, max) of each setting for a model (both ends included)."""
+    return {
+        "temperature": (0.0, 2.0),
+        "top_k": (0, vocab_size),
+        "top_p": (0.01, 1.0),
+        "max_new_tokens": (1, max_new_tokens_limit(context_length)),
+        "seed": (-1, 2**31 - 1),
+    }
+
+
+def default_settings(context_length: int) -> GenerationSettings:
+    limit = max_new_tokens_limit(context_length)
+    return GenerationSettings(max_new_tokens=min(GenerationSettings.max_new_tokens, limit))
+
+
+def validate_settings(raw: dict, context_length: int, vocab_size: int,
+                      base: GenerationSettings | None = None) -> GenerationSettings:
+    """Check raw values (from the settings panel: numbers, maybe strings) against their ranges.
+
+    Missing keys keep `base`'s value; unknown keys are ignored. Integer settings must be
+    whole numbers (5.0 is fine, 5.5 is not). Raises SettingsError naming every bad value.
+    """
+    base = base or default_settings(context_length)
+    ranges = settings_ranges(context_length, vocab_size)
+    values, problems = asdict(base), []
+    for name, (low, high) in ranges.items():
+        if raw.get(name) is None or raw.get(name) == "":
+            continue
+        is_int = isinstance(values[name], int)
+        try:
+            number = float(raw[name])
+        except (TypeError, ValueError):
+            problems.append(f"{name} must be a number, got {raw[name]!r}")
+            continue
+        if is_int and not number.is_integer():
+            problems.append(f"{name} must be a whole number, got {raw[name]!r}")
+        elif not low <= number <= high:
+            problems.append(f"{name} must be between {low:g} and {high:g}, got {number:g}")
+        else:
+            values[name] = int(number) if is_int else number
+    if problems:
+        raise SettingsError("; ".join(problems) + ".")
+    return GenerationSettings(**values)
+
+
+#####################################
+# Prompt and reply
+#####################################
+
+def prepare_prompt(text: str, tokenizer: tiktoken.Encoding, context_length: int,
+                   max_new_tokens: int) -> tuple[list[int], str | None]:
+    """Token ids of `text`, and a notice if it had to be shortened.
+
+    The model sees at most `context_length` tokens, and the reply's tokens need room in
+    that window too, so a prompt keeps at most `context_length - max_new_tokens` tokens:
+    the LAST ones, since the reply continues the end of the text. Text that merely looks
+    like the special token <|endoftext|> is encoded as ordinary characters.
+    """
+    if not text.strip():
+        raise ValueError("The message is empty: type some text for the model to continue.")
+    ids = tokenizer.encode(text, disallowed_special=())
+    budget = context_length - max_new_tokens
+    if budget < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for the prompt in the "
+                         f"context window of {context_length} tokens.")
+    if len(ids) <= budget:
+        return ids, None
+    notice = (f"Your prompt has {len(ids)} tokens, but this model reads at most {context_length} and "
+              f"{max_new_tokens} are kept for the reply, so only its last {budget} tokens were used.")
+    return ids[-budget:], notice
+
+
+class TextStream:
+    """Turns token ids into text pieces as they arrive.
+
+    GPT-2's tokens are byte sequences, and a character such as an emoji can be split
+    over two tokens. An incremental UTF-8 decoder holds back incomplete characters until
+    their last byte arrives, so the pieces joined are exactly `tokenizer.decode(ids)`.
+    """
+
+    def __init__(self, tokenizer: tiktoken.Encoding):
+        self.tokenizer = tokenizer
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        return self.decoder.decode(self.tokenizer.decode_single_token_bytes(token_id))
+
+    def flush(self) -> str:
+        return self.decoder.decode(b"", final=True)
+
+
+def reply_token_ids(chat: ChatModel, prompt_ids: list[int], settings: GenerationSettings,
+                    should_stop: Callable[[], bool] = lambda: False) -> Iterator[int]:
+    """The reply's token ids as they are generated (the end-of-text token is not yielded)."""
+    seed = settings.seed if settings.seed >= 0 else secrets.randbelow(2**31)
+    device = chat.model.tok_emb.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    eos_id = chat.tokenizer.eot_token
+    for token_id in generate_stream(
+        chat.model, prompt_ids, settings.max_new_tokens, temperature=settings.temperature,
+        top_k=settings.top_k or None, top_p=settings.top_p, eos_id=eos_id, generator=generator,
+    ):
+        if token_id == eos_id or should_stop():
+            return
+        yield token_id
+
+
+def reply_pieces(chat: ChatModel, prompt_ids: list[int], settings: GenerationSettings,
+                 should_stop: Callable[[], bool] = lambda: False) -> Iterator[str]:
+    """The reply as text pieces, one per token (empty pieces are skipped)."""
+    stream = TextStream(chat.tokenizer)
+    for token_id in reply_token_ids(chat, prompt_ids, settings, should_stop):
+        if piece := stream.push(token_id):
+            yield piece
+    if rest := stream.flush():
+        yield rest
+
+
+def reply_text(chat: ChatModel, prompt_ids: list[int], settings: GenerationSettings) -> str:
+    """The whole reply at once, decoded in one go (what the streamed pieces must add up to)."""
+    return chat.tokenizer.decode(list(reply_token_ids(chat, prompt_ids, settings)))
+
+
+async def stream_in_thread(make_pieces: Callable[[Callable[[], bool]], Iterator[str]]) -> AsyncIterator[str]:
+    """Run a blocking generator in a worker thread and yield its items here, as they come.
+
+    `make_pieces(should_stop)` builds the generator; `should_stop()` turns true when the
+    consumer goes away (the user pressed stop, or the session ended), so the thread stops
+    generating at the next token instead of finishing a reply nobody reads. The event
+    loop only ever waits on a queue, so other sessions are served meanwhile.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> None:
+        if not loop.is_closed():  # the server may be shutting down
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def work() -> None:
+        try:
+            for piece in make_pieces(stop.is_set):
+                put(piece)
+        except Exception as err:  # hand the error to the event loop, which re-raises it
+            put(err)
+        finally:
+            put(done)
+
+    thread = threading.Thread(target=work, name="generate", daemon=True)
+    thread.start()
+    try:
+        while (item := await queue.get()) is not done:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        stop.set()
