@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from previous_chapters import GPTModel, create_dataloader_v1, get_tokenizer
 from torch.utils.data import DataLoader
+
+from previous_chapters import GPTModel, create_dataloader_v1, get_tokenizer
 
 THE_VERDICT_URL = (
     "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt"
