@@ -33,6 +33,7 @@ import re
 import sys
 import warnings
 from dataclasses import dataclass, field
+from multiprocessing.pool import ThreadPool
 from pathlib import Path
 
 import numpy as np
@@ -304,9 +305,16 @@ def list_books(data_dir: Path, seed: int) -> list[Path]:
 
 def prepare(data_dir: Path, output_dir: Path, max_size_mb: float = 500.0, shard_tokens: int = 100_000_000,
             val_fraction: float = 0.1, min_english_share: float = 0.25, seed: int = 123, workers: int = 1,
-            progress: bool = True) -> dict:
+            parallel: str = "thread", progress: bool = True) -> dict:
     """Process every book of `data_dir` into `output_dir`; return the metadata (also written
-    to `output_dir/metadata.json`)."""
+    to `output_dir/metadata.json`).
+
+    With `workers` > 1, books are processed concurrently by a pool of threads (tiktoken
+    releases Python's GIL while it tokenizes, which is most of the work) or of processes
+    (which also run the Python clean-up in parallel, but cost a start-up per worker).
+    """
+    if parallel not in ("thread", "process"):
+        raise ValueError(f"parallel must be 'thread' or 'process', got {parallel!r}")
     paths = list_books(data_dir, seed)
     if not paths:
         raise FileNotFoundError(f"No .txt files found in {data_dir}. Point --data-dir at the folder of raw books.")
@@ -321,7 +329,9 @@ def prepare(data_dir: Path, output_dir: Path, max_size_mb: float = 500.0, shard_
     }
     skipped = []
     jobs = [(path, min_english_share) for path in paths]
-    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+    pool = None
+    if workers > 1:
+        pool = (ThreadPool(workers) if parallel == "thread" else multiprocessing.get_context("spawn").Pool(workers))
     try:
         # imap keeps the input order, so the output does not depend on the number of workers
         results = pool.imap(_process_book_star, jobs) if pool else map(_process_book_star, jobs)
@@ -395,7 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Keep a book if at least this share of its words are common English words.")
     parser.add_argument("--seed", type=int, default=123, help="Seed of the book order.")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                        help="Processes that clean and tokenize books in parallel.")
+                        help="Books cleaned and tokenized in parallel.")
+    parser.add_argument("--parallel", choices=("thread", "process"), default="thread",
+                        help="Run the workers as threads or as processes.")
     parser.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
     return parser
 
@@ -412,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
     try:
         metadata = prepare(args.data_dir, args.output_dir, args.max_size_mb, args.shard_tokens, args.val_fraction,
-                           args.min_english_share, args.seed, args.workers, progress=not args.no_progress)
+                           args.min_english_share, args.seed, args.workers, args.parallel,
+                           progress=not args.no_progress)
     except FileNotFoundError as err:
         parser.error(str(err))
     for name, split in metadata["splits"].items():

@@ -198,6 +198,15 @@ def test_output_is_deterministic_and_independent_of_workers(prepared, tmp_path):
     with pytest.warns(UserWarning):
         again = prepare(RAW, tmp_path, max_size_mb=2.0, shard_tokens=250_000, val_fraction=0.25, workers=1,
                         progress=False)
+    with pytest.warns(UserWarning):
+        in_processes = prepare(RAW, tmp_path / "p", max_size_mb=2.0, shard_tokens=250_000, val_fraction=0.25,
+                               workers=2, parallel="process", progress=False)
+    assert in_processes == metadata
+    (tmp_path / "p" / "metadata.json").unlink()
+    for p in (tmp_path / "p").iterdir():
+        assert p.read_bytes() == (out / p.name).read_bytes(), p.name
+    for p in [*(tmp_path / "p").iterdir(), tmp_path / "p"]:
+        p.unlink() if p.is_file() else p.rmdir()
     assert again == metadata
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(p.name for p in tmp_path.iterdir())
@@ -230,3 +239,13 @@ def test_process_book_reports_tokens_of_the_body():
     book = process_book(RAW / "pg5200.txt", min_english_share=0.25)
     assert book.skip_reason is None and book.text.endswith(EOT)
     assert book.tokens[-1] == 50256 and book.tokens.dtype == np.uint16
+
+
+def test_benchmark_script(tmp_path, capsys):
+    from benchmark_prepare import main as benchmark
+
+    for name in ("pg5200.txt", "pg5318.txt"):
+        (tmp_path / name).write_bytes((RAW / name).read_bytes())
+    assert benchmark(["--data-dir", str(tmp_path), "--workers", "2", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "1 worker" in out and "2 threads" in out and "2 processes" in out and "speed-up" in out
