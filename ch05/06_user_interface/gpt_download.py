@@ -169,12 +169,14 @@ def download_file(url: str, destination: str | Path, sha256: str | None = None, 
     retried `retries` times, waiting `backoff`, 2 * `backoff`, 4 * `backoff`, ... seconds.
     If `destination` already exists it is returned at once, without network access.
     """
+    if retries < 1:
+        raise ValueError(f"retries must be at least 1, got {retries}")
     destination = Path(destination)
     if destination.is_file():
         return destination
     destination.parent.mkdir(parents=True, exist_ok=True)
     part = destination.with_name(destination.name + ".part")
-    for attempt in range(1, retries + 1):
+    for attempt in range(1, retries + 1):  # every path through the loop returns, raises or retries
         try:
             if _is_url(url):
                 expected_size = _fetch_into(url, part, timeout, progress)
@@ -203,7 +205,6 @@ def download_file(url: str, destination: str | Path, sha256: str | None = None, 
             if attempt == retries:
                 raise ConnectionError(f"{url}: {err!r} after {retries} attempts") from None
         time.sleep(backoff * 2 ** (attempt - 1))
-    raise AssertionError("unreachable")
 
 
 def _fetch_into(url: str, part: Path, timeout: float, progress: bool) -> int | None:

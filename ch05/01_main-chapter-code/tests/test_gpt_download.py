@@ -269,6 +269,11 @@ def test_a_missing_file_is_not_retried(blob_server, tmp_path):
     assert statuses(blob_server) == [404]
 
 
+def test_at_least_one_attempt_is_required(blob_server, tmp_path):
+    with pytest.raises(ValueError, match="retries must be at least 1"):
+        download_file(blob_server.url, tmp_path / "blob", retries=0)
+
+
 def test_a_full_disk_gives_a_clear_error(blob_server, tmp_path, monkeypatch):
     monkeypatch.setattr(gpt_download.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=1000))
     with pytest.raises(OSError, match="Disk full.*300,000 bytes are needed") as excinfo:
