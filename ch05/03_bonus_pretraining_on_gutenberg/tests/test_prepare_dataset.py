@@ -101,9 +101,11 @@ def test_synthetic_edge_cases(tmp_path):
              "End of the Project Gutenberg EBook of X\r\n\r\n"
              "*** END OF THIS PROJECT GUTENBERG EBOOK A VERY LONG\r\nTITLE ***\r\nLicence.\r\n")
     newer = ("\ufeffThe Project Gutenberg eBook of Y\n\n*** START OF THE PROJECT GUTENBERG EBOOK Y ***\n"
-             "Body line.\n    *** END OF THE PROJECT GUTENBERG EBOOK Y ***\nLicence.\n")
+             "Body line.\nNot a marker: *** END OF THE PROJECT GUTENBERG EBOOK Y ***\n"
+             "    *** END OF THE PROJECT GUTENBERG EBOOK Y ***\nLicence.\n")
     assert strip_gutenberg(decode_book(older.encode("latin-1"))) == ("Café au lait.\nThe end.", True)
-    assert strip_gutenberg(decode_book(newer.encode("utf-8"))) == ("Body line.", True)
+    assert strip_gutenberg(decode_book(newer.encode("utf-8"))) == (
+        "Body line.\nNot a marker: *** END OF THE PROJECT GUTENBERG EBOOK Y ***", True)
     assert strip_gutenberg("Just some text.\n") == ("Just some text.", False)
 
 
