@@ -156,3 +156,23 @@ def test_cli_errors(tmp_path, data_dir, capsys):
             main(["--data-dir", str(data), "--output-dir", str(tmp_path / "out"), *TINY_RUN, *args])
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def test_ctrl_c_saves_the_last_completed_step(data_dir, tmp_path):
+    cmd = [sys.executable, str(SCRIPT), "--data-dir", str(data_dir), "--output-dir", str(tmp_path), *TINY_RUN,
+           "--max-steps", "1000", "--checkpoint-every", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = tmp_path / "log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if log.is_file() and log.read_text().count('"loss"') >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr[-3000:]
+    steps = [e for e in step_entries(tmp_path) if "loss" in e]
+    checkpoint = load_checkpoint(tmp_path / "checkpoint.pth")
+    assert 2 <= checkpoint["step"] == len(steps) < 1000
+    assert f"saved step {checkpoint['step']}" in stdout
