@@ -78,8 +78,8 @@ def set_attention(model: Llama3Model, attn_impl: str) -> None:
 def benchmark_generation(args: argparse.Namespace, device: torch.device) -> None:
     cfg = {**SIZES[args.size], "dtype": getattr(torch, args.dtype), "context_length": args.prompt_len + args.new_tokens}
     torch.manual_seed(0)
-    with device:
-        model = Llama3Model(cfg).eval()
+    with device:  # parameters are created on the device; .to() moves the RoPE tables too
+        model = Llama3Model(cfg).to(device).eval()
     prompt = torch.randint(0, cfg["vocab_size"], (1, args.prompt_len), device=device)
     print(f"Hardware: {hardware(device)}")
     print(f"Model: {args.size} ({count_parameters(model) / 1e6:.0f}M parameters, {args.dtype}), "

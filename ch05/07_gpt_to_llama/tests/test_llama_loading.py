@@ -7,8 +7,10 @@ import pytest
 import torch
 from llama3 import (
     LLAMA32_CONFIG_3B,
+    Llama3Model,
     config_from_hf,
     download_llama_checkpoint,
+    hf_to_our_name,
     load_llama_checkpoint,
     load_llama_from_safetensors,
     safetensors_files,
@@ -115,3 +117,13 @@ def test_gated_and_offline_errors_are_explained(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(ConnectionError, match="Could not reach Hugging Face"):
         download_llama_checkpoint(token="hf_test")
+
+
+def test_benchmark_name_mapping_inverts_the_loader_mapping():
+    from benchmark_llama import SIZES, our_to_hf_name
+
+    with torch.device("meta"):
+        model = Llama3Model({**SIZES["small"], "n_layers": 2, "context_length": 8})
+    names = [name for name, _ in model.named_parameters()]
+    assert [hf_to_our_name(our_to_hf_name(name)) for name in names] == names
+    assert our_to_hf_name("trf_blocks.1.ff.fc1.weight") == "model.layers.1.mlp.gate_proj.weight"
