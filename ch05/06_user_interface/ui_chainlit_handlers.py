@@ -15,6 +15,7 @@ from ui_chat_core import (
     GenerationSettings,
     SettingsError,
     default_settings,
+    format_bound,
     prepare_prompt,
     reply_pieces,
     settings_ranges,
@@ -62,7 +63,7 @@ def settings_panel(chat: ChatModel, current: GenerationSettings) -> cl.ChatSetti
 
     def span(name: str) -> str:
         low, high = ranges[name]
-        return f"{low:g} to {high:g}"
+        return f"{format_bound(low)} to {format_bound(high)}"
 
     return cl.ChatSettings([
         Slider(id="temperature", label="Temperature", initial=current.temperature, min=ranges["temperature"][0],
@@ -112,6 +113,12 @@ async def update_settings(chat: ChatModel | None, raw: dict) -> None:
         await settings_panel(chat, current).send()  # put the panel back to the values in effect
         return
     cl.user_session.set(SETTINGS_KEY, settings)
+    await cl.Message(content=f"Settings applied: {describe(settings)}.", author="Settings").send()
+
+
+def describe(settings: GenerationSettings) -> str:
+    return (f"temperature {settings.temperature:g}, top-k {settings.top_k}, top-p {settings.top_p:g}, "
+            f"max new tokens {settings.max_new_tokens}, seed {settings.seed}")
 
 
 async def answer(chat: ChatModel | None, load_error: str | None, message: cl.Message) -> str:

@@ -94,6 +94,11 @@ def settings_ranges(context_length: int, vocab_size: int) -> dict[str, tuple[flo
     }
 
 
+def format_bound(value: float) -> str:
+    """2 rather than 2.0 for floats, and all the digits of integers (2147483647, not 2.14748e+09)."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def default_settings(context_length: int) -> GenerationSettings:
     limit = max_new_tokens_limit(context_length)
     return GenerationSettings(max_new_tokens=min(GenerationSettings.max_new_tokens, limit))
@@ -121,7 +126,7 @@ def validate_settings(raw: dict, context_length: int, vocab_size: int,
         if is_int and not number.is_integer():
             problems.append(f"{name} must be a whole number, got {raw[name]!r}")
         elif not low <= number <= high:
-            problems.append(f"{name} must be between {low:g} and {high:g}, got {number:g}")
+            problems.append(f"{name} must be between {format_bound(low)} and {format_bound(high)}, got {number:g}")
         else:
             values[name] = int(number) if is_int else number
     if problems:

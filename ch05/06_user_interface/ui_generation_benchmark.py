@@ -59,11 +59,10 @@ def to_transformers(model: GPTModel):
     """
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    emb_dim = model.tok_emb.weight.shape[1]
     blocks = list(model.trf_blocks)
     tied = model.out_head.weight is model.tok_emb.weight
     config = GPT2Config(vocab_size=model.tok_emb.weight.shape[0], n_positions=model.pos_emb.weight.shape[0],
-                        n_embd=emb_dim, n_layer=len(blocks), n_head=blocks[0].att.num_heads,
+                        n_embd=model.tok_emb.weight.shape[1], n_layer=len(blocks), n_head=blocks[0].att.num_heads,
                         activation_function="gelu_new", layer_norm_epsilon=blocks[0].norm1.eps,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=tied)
     state = {"transformer.wte.weight": model.tok_emb.weight, "transformer.wpe.weight": model.pos_emb.weight,
@@ -77,8 +76,8 @@ def to_transformers(model: GPTModel):
             prefix + "ln_1.weight": block.norm1.scale, prefix + "ln_1.bias": block.norm1.shift,
             prefix + "ln_2.weight": block.norm2.scale, prefix + "ln_2.bias": block.norm2.shift,
             prefix + "attn.c_attn.weight": torch.cat([lin.weight for lin in qkv]).T,
-            prefix + "attn.c_attn.bias": torch.cat([lin.bias if lin.bias is not None else torch.zeros(emb_dim)
-                                                    for lin in qkv]),
+            prefix + "attn.c_attn.bias": torch.cat([
+                lin.bias if lin.bias is not None else torch.zeros_like(lin.weight[:, 0]) for lin in qkv]),
             prefix + "attn.c_proj.weight": att.out_proj.weight.T, prefix + "attn.c_proj.bias": att.out_proj.bias,
             prefix + "mlp.c_fc.weight": expand.weight.T, prefix + "mlp.c_fc.bias": expand.bias,
             prefix + "mlp.c_proj.weight": project.weight.T, prefix + "mlp.c_proj.bias": project.bias,

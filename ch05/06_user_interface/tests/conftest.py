@@ -7,6 +7,8 @@ folder's `.chainlit/config.toml`, instead of writing into the directory pytest r
 """
 
 import os
+import re
+import string
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,17 @@ def write_tiny_checkpoint(path: Path, seed: int = 0) -> dict:
     model = GPTModel(TINY_CONFIG)
     save_checkpoint_atomic({"model": model.state_dict(), "config": TINY_CONFIG}, path)
     return model.state_dict()
+
+
+def unescape_markdown(markdown: str) -> str:
+    """Undo ui_chainlit_handlers.MarkdownEscaper: the text the page shows for a message."""
+    text = re.sub(r"\\([" + re.escape(string.punctuation) + "])", r"\1", markdown.replace("  \n", "\n"))
+    return text.replace("\u00a0", " ")
+
+
+@pytest.fixture(scope="session")
+def unescape():
+    return unescape_markdown
 
 
 @pytest.fixture(scope="session")

@@ -132,6 +132,19 @@ def test_streamed_pieces_add_up_to_the_whole_reply(tiny_chat, settings):
     assert len(pieces) > 5 and "".join(pieces) == whole
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_streaming_works_on_every_device(tiny_chat, device):
+    from gpt_kv_cache import GPTModelKV
+
+    model = GPTModelKV({"vocab_size": 50257, "context_length": 64, "emb_dim": 32, "n_heads": 2, "n_layers": 2,
+                        "drop_rate": 0.0, "qkv_bias": False})
+    model.load_state_dict(tiny_chat.model.state_dict())
+    chat = make_chat_model(model.to(device), "tiny")
+    settings = GenerationSettings(temperature=1.0, top_k=50, top_p=0.9, max_new_tokens=30, seed=1)
+    ids = chat.tokenizer.encode("Every effort moves you")
+    assert "".join(reply_pieces(chat, ids, settings)) == reply_text(chat, ids, settings)
+
+
 def test_a_fixed_seed_repeats_the_reply_and_seed_minus_one_does_not(tiny_chat):
     ids = tiny_chat.tokenizer.encode("Hello")
     fixed = GenerationSettings(temperature=1.5, top_k=0, top_p=1.0, max_new_tokens=20, seed=5)

@@ -7,16 +7,18 @@ from gpt_kv_cache import GPTModelKV, generate_kv, generate_stream, sample_next_t
 from previous_chapters import GPT_CONFIG_124M, GPTModel
 
 CFG = {**GPT_CONFIG_124M, "context_length": 24, "emb_dim": 32, "n_heads": 4, "n_layers": 2, "drop_rate": 0.1}
+# CPU always; a GPU too where there is one (CI has none; the README says where these ran on one).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-@pytest.fixture(scope="module")
-def models():
-    """The chapter's model and a GPTModelKV loaded from its state dict."""
+@pytest.fixture(scope="module", params=DEVICES)
+def models(request):
+    """The chapter's model and a GPTModelKV loaded from its state dict, on each device."""
     torch.manual_seed(0)
     reference = GPTModel({**CFG, "qkv_bias": True}).eval()
     cached = GPTModelKV({**CFG, "qkv_bias": True})
     cached.load_state_dict(reference.state_dict())  # strict: same parameter names and shapes
-    return reference, cached.eval()
+    return reference.to(request.param), cached.to(request.param).eval()
 
 
 def test_state_dicts_have_the_same_keys_and_shapes():
@@ -26,7 +28,7 @@ def test_state_dicts_have_the_same_keys_and_shapes():
 
 def test_cached_forward_in_chunks_matches_the_full_forward_pass(models):
     reference, cached = models
-    idx = torch.randint(0, CFG["vocab_size"], (2, 20))
+    idx = torch.randint(0, CFG["vocab_size"], (2, 20), device=cached.tok_emb.weight.device)
     with torch.no_grad():
         expected = reference(idx)
         cache = cached.new_cache(batch_size=2)
@@ -41,19 +43,23 @@ def test_greedy_generation_is_identical_to_the_chapters_generate(models, prompt_
     """Including prompts + replies longer than the context (24), where the window slides."""
     reference, cached = models
     torch.manual_seed(prompt_len)
-    idx = torch.randint(0, CFG["vocab_size"], (1, prompt_len))
+    idx = torch.randint(0, CFG["vocab_size"], (1, prompt_len)).to(cached.tok_emb.weight.device)
     expected = generate(reference, idx, new_tokens, CFG["context_length"])
     assert torch.equal(generate_kv(cached, idx, new_tokens), expected)
 
 
 def test_sampling_draws_what_the_chapters_generate_draws_with_the_same_seed(models):
     reference, cached = models
-    idx = torch.randint(0, CFG["vocab_size"], (1, 4))
-    expected = generate(reference, idx, 15, CFG["context_length"], temperature=1.3, top_k=20,
-                        generator=torch.Generator().manual_seed(5))
-    got = generate_kv(cached, idx, 15, temperature=1.3, top_k=20, generator=torch.Generator().manual_seed(5))
+    device = cached.tok_emb.weight.device
+    idx = torch.randint(0, CFG["vocab_size"], (1, 4)).to(device)
+
+    def seeded(seed):
+        return torch.Generator(device=device).manual_seed(seed)
+
+    expected = generate(reference, idx, 15, CFG["context_length"], temperature=1.3, top_k=20, generator=seeded(5))
+    got = generate_kv(cached, idx, 15, temperature=1.3, top_k=20, generator=seeded(5))
     assert torch.equal(got, expected)
-    other = generate_kv(cached, idx, 15, temperature=1.3, top_k=20, generator=torch.Generator().manual_seed(6))
+    other = generate_kv(cached, idx, 15, temperature=1.3, top_k=20, generator=seeded(6))
     assert not torch.equal(other, expected)  # the seed matters: the comparison above can fail
 
 
@@ -90,14 +96,15 @@ def test_greedy_ignores_the_filters():
 def test_the_cache_refuses_training_mode_and_overflow(models):
     _, cached = models
     cache = cached.new_cache(capacity=4)
+    device = cached.tok_emb.weight.device
     cached.train()
     try:
         with pytest.raises(RuntimeError, match="eval"):
-            cached(torch.zeros(1, 2, dtype=torch.long), cache)
+            cached(torch.zeros(1, 2, dtype=torch.long, device=device), cache)
     finally:
         cached.eval()
     with pytest.raises(ValueError, match="do not fit"):
-        cached(torch.zeros(1, 5, dtype=torch.long), cache)
+        cached(torch.zeros(1, 5, dtype=torch.long, device=device), cache)
     with pytest.raises(ValueError, match="capacity"):
         cached.new_cache(capacity=CFG["context_length"] + 1)
     with pytest.raises(ValueError, match="empty"):
@@ -109,8 +116,8 @@ def test_same_logits_and_tokens_as_transformers_gpt2(models):
     from ui_generation_benchmark import to_transformers
 
     _, cached = models
-    hf_model = to_transformers(cached)
-    idx = torch.randint(0, CFG["vocab_size"], (1, 10))
+    hf_model = to_transformers(cached).to(cached.tok_emb.weight.device)
+    idx = torch.randint(0, CFG["vocab_size"], (1, 10)).to(cached.tok_emb.weight.device)
     with torch.no_grad():
         torch.testing.assert_close(hf_model(idx).logits, cached(idx), rtol=1e-4, atol=1e-4)
         hf_tokens = hf_model.generate(idx, max_new_tokens=12, min_new_tokens=12, do_sample=False,
