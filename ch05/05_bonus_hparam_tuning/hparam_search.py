@@ -24,6 +24,7 @@ import hashlib
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import random
 import sys
@@ -87,6 +88,7 @@ MODEL_PRESETS = {
 MAX_GRAD_NORM = 1.0
 TRAIN_EVAL_WINDOWS = 32  # fixed training windows whose loss is reported as train_loss
 EVAL_BATCH_SIZE = 8
+MAX_LINE_VALUES = 8  # the plot joins the best loss per value for hyperparameters with at most this many values
 LEDGER_NAME = "ledger.jsonl"
 PLOT_NAME = "val_loss_vs_hparams.png"
 
@@ -335,7 +337,7 @@ class Trial:
     def key(self) -> str:
         hparams = dict(self.hparams)
         if self.max_tokens is not None:
-            hparams.pop("n_epochs")  # the token budget replaces the number of epochs
+            hparams.pop("n_epochs", None)  # the token budget replaces the number of epochs
         identity = {"hparams": hparams, "model": MODEL_PRESETS[self.model], "seed": self.seed,
                     "data": self.data, "max_tokens": self.max_tokens}
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
@@ -393,6 +395,7 @@ def run_trial(trial: Trial, data: SearchData, device: torch.device) -> dict:
             tokens += input_batch.numel()
             if step == total_steps:
                 break
+    train_seconds = time.perf_counter() - start
     n_train = min(TRAIN_EVAL_WINDOWS, len(data.train_inputs))
     train_loss = mean_window_loss(model, data.train_inputs[:n_train], data.train_targets[:n_train], device)
     val_loss = mean_window_loss(model, data.val_inputs, data.val_targets, device)
@@ -404,6 +407,7 @@ def run_trial(trial: Trial, data: SearchData, device: torch.device) -> dict:
         "steps": step, "warmup_steps": warmup_steps, "tokens": tokens,
         "train_loss": train_loss if finite else None, "val_loss": val_loss if finite else None,
         "diverged": not finite, "val_windows": len(data.val_inputs), "seconds": round(seconds, 3),
+        "train_seconds": round(train_seconds, 3),
         "device": str(device), "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
@@ -484,7 +488,7 @@ def _run_in_worker(trial: Trial) -> dict:
 class Budget:
     """Stop starting trials once the search's finished trials used this much (None: no limit).
 
-    Seconds are the trials' own training times as recorded in the ledger, so a resumed
+    Seconds are the trials' own times (training and evaluation) as recorded in the ledger, so a resumed
     search counts what it spent before; with --workers N the wall-clock time is about
     seconds / N.
     """
@@ -510,7 +514,7 @@ def execute(trials: list[Trial], ledger: Ledger, data: SearchData, device: torch
 
     done = ledger.completed()
     results = {t.key: done[t.key] for t in trials if t.key in done}
-    todo = [t for t in trials if t.key not in results]
+    todo = list({t.key: t for t in trials if t.key not in results}.values())  # each key runs once
     spent.update(results)
     print(f"{len(trials)} trial(s): {len(results)} already in {ledger.path}, {len(todo)} to run.")
     if not todo:
@@ -531,8 +535,6 @@ def execute(trials: list[Trial], ledger: Ledger, data: SearchData, device: torch
                 finish(run_trial(pending.pop(), data, device))
         else:
             threads = max(1, (os.cpu_count() or 1) // workers)
-            import multiprocessing
-
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                      initializer=_init_worker, initargs=(data, str(device), threads)) as pool:
                 running = set()
@@ -546,7 +548,7 @@ def execute(trials: list[Trial], ledger: Ledger, data: SearchData, device: torch
                         finish(future.result())
     finally:
         bar.close()
-    if len(results) < len(trials):
+    if len(results) < len({t.key for t in trials}):
         print(f"Budget used up after {len(results)} of {len(trials)} trial(s); raise it and rerun to continue.")
         return None
     return results
@@ -557,16 +559,17 @@ def execute(trials: list[Trial], ledger: Ledger, data: SearchData, device: torch
 #####################################
 
 def varying_hparams(records: list[dict]) -> list[str]:
-    return [name for name in HPARAM_RULES if len({r["hparams"][name] for r in records}) > 1]
+    return [name for name in HPARAM_RULES if len({r["hparams"].get(name) for r in records}) > 1]
 
 
 def summary_table(records: list[dict], top_k: int) -> str:
     """The `top_k` records with the lowest validation loss, as an aligned text table."""
     ranked = sorted(records, key=lambda r: _sort_loss(r["val_loss"]))[:top_k]
-    names = list(HPARAM_RULES)
+    budgeted = all(r.get("max_tokens") is not None for r in ranked)  # halving: tokens, not epochs, set the length
+    names = [n for n in HPARAM_RULES if not (budgeted and n == "n_epochs")]
     header = ["rank", "val_loss", "train_loss", "tokens", "seconds", *names]
     rows = [[str(i + 1), _fmt(r["val_loss"]), _fmt(r["train_loss"]), f"{r['tokens']:,}", f"{r['seconds']:.1f}",
-             *(f"{r['hparams'][n]:g}" for n in names)] for i, r in enumerate(ranked)]
+             *(f"{r['hparams'][n]:g}" if n in r["hparams"] else "-" for n in names)] for i, r in enumerate(ranked)]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in [header, *rows])
 
@@ -576,12 +579,13 @@ def _fmt(loss: float | None) -> str:
 
 
 def plot_val_loss(records: list[dict], path: str | Path) -> Path:
-    """One panel per hyperparameter: every trial's validation loss at its value, and
-    the best loss reached at each value (the line) — the shape of the landscape."""
+    """One panel per hyperparameter: every trial's validation loss at its value and, for
+    a hyperparameter with a few values, the best loss reached at each (the line)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     names = varying_hparams(records) or list(HPARAM_RULES)[:1]
     ok = [r for r in records if r["val_loss"] is not None]
@@ -596,10 +600,12 @@ def plot_val_loss(records: list[dict], path: str | Path) -> Path:
         best = {}
         for x, y in zip(xs, ys, strict=True):
             best[x] = min(y, best.get(x, math.inf))
-        ax.plot(sorted(best), [best[x] for x in sorted(best)], color="tab:red", lw=1)
+        if len(best) <= MAX_LINE_VALUES:  # a continuous range: every point is its own value, no line
+            ax.plot(sorted(best), [best[x] for x in sorted(best)], color="tab:red", lw=1)
         positive = [x for x in xs if x > 0]
         if positive and len(positive) == len(xs) and max(xs) / min(xs) >= 20:
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(name)
     for ax in axes[:, 0]:
         ax.set_ylabel("validation loss")
@@ -623,22 +629,27 @@ def estimate_cost(configs: list[dict], data: SearchData, model: str, device: tor
                   timing_steps: int = 5) -> dict:
     """Time a few steps at every batch size in `configs` and project the full cost.
 
-    A trial's time is about steps x time per step (plus a small, fixed evaluation), and
-    the steps follow from batch size and epochs, so timing each batch size once prices
-    every configuration.
+    A trial costs its steps x the time per step, plus one evaluation, and its steps
+    follow from batch size and epochs; so timing each batch size once prices every
+    configuration. A one-step trial first warms PyTorch up, which would otherwise
+    inflate the first timing.
     """
-    per_step = {}
+    ctx = MODEL_PRESETS[model]["context_length"]
+    warm_up = complete({"batch_size": 1, "warmup_iters": 0})
+    run_trial(Trial(warm_up, model, seed, data.fingerprint, max_tokens=ctx), data, device)
+    per_step, eval_seconds = {}, []
     for batch_size in sorted({c["batch_size"] for c in configs}):
-        hparams = complete({"batch_size": batch_size, "warmup_iters": 0, "n_epochs": 1})
-        tokens = (timing_steps + 1) * batch_size * MODEL_PRESETS[model]["context_length"]
-        short = run_trial(Trial(hparams, model, seed, data.fingerprint, max_tokens=tokens), data, device)
-        warm = run_trial(Trial(hparams, model, seed, data.fingerprint,
-                               max_tokens=tokens * 2), data, device)  # difference: cost of the extra steps
-        per_step[batch_size] = max(warm["seconds"] - short["seconds"], 1e-6) / (warm["steps"] - short["steps"])
+        hparams = complete({"batch_size": batch_size, "warmup_iters": 0})
+        record = run_trial(Trial(hparams, model, seed, data.fingerprint,
+                                 max_tokens=timing_steps * batch_size * ctx), data, device)
+        per_step[batch_size] = record["train_seconds"] / record["steps"]
+        eval_seconds.append(record["seconds"] - record["train_seconds"])
     steps_per_epoch = {b: len(data.train_inputs) // b for b in per_step}
-    seconds = sum(c["n_epochs"] * steps_per_epoch[c["batch_size"]] * per_step[c["batch_size"]] for c in configs)
+    evaluation = sum(eval_seconds) / len(eval_seconds)
+    seconds = sum(c["n_epochs"] * steps_per_epoch[c["batch_size"]] * per_step[c["batch_size"]] + evaluation
+                  for c in configs)
     return {"trials": len(configs), "seconds_per_step": per_step, "steps_per_epoch": steps_per_epoch,
-            "total_seconds": seconds, "mean_seconds_per_trial": seconds / len(configs)}
+            "eval_seconds": evaluation, "total_seconds": seconds, "mean_seconds_per_trial": seconds / len(configs)}
 
 
 #####################################
@@ -676,17 +687,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=123, help="Seeds every trial, and the random sampling.")
     parser.add_argument("--workers", type=int, default=1, help="Trials run in parallel processes.")
     parser.add_argument("--device", default="cpu", help="auto, cpu, cuda or mps.")
-    parser.add_argument("--output-dir", type=Path, default=Path("hparam_search_output"),
+    parser.add_argument("--output-dir", type=Path, default=Path("output"),
                         help=f"Holds {LEDGER_NAME} and {PLOT_NAME}.")
     parser.add_argument("--top-k", type=int, default=5, help="Rows of the summary table.")
     parser.add_argument("--estimate", action="store_true",
                         help="Only time a few steps per batch size and print what the search would cost.")
+    parser.add_argument("--estimate-steps", type=int, default=5, help="Steps timed per batch size by --estimate.")
     parser.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
     return parser
 
 
 def check_args(args: argparse.Namespace) -> None:
-    for name in ("n_trials", "workers", "top_k", "min_val_windows"):
+    for name in ("n_trials", "workers", "top_k", "min_val_windows", "estimate_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
     if args.train_windows is not None and args.train_windows < 1:
@@ -702,11 +714,16 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def make_configs(args: argparse.Namespace, space: dict) -> list[dict]:
+    if args.strategy == "halving" and "n_epochs" in space:
+        print("Note: successive halving sets each trial's length from --budget-tokens; n_epochs is ignored.")
+        space = {name: values for name, values in space.items() if name != "n_epochs"}
     if args.strategy == "grid":
         configs = grid_configs(space)
     else:
         configs = sample_configs(space, args.n_trials, args.seed)
     check_lr_order(configs)
+    if args.strategy == "halving":
+        configs = [{k: v for k, v in c.items() if k != "n_epochs"} for c in configs]
     return configs
 
 
@@ -761,14 +778,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    size = f"{grid_size(space):,}" if all(isinstance(v, list) for v in space.values()) else "unbounded"
-    print(f"Search space: {', '.join(space)} ({size} grid points); {args.strategy} search over "
+    finite = all(isinstance(v, list) for v in space.values())
+    size = f"{grid_size(space):,} grid points" if finite else "with continuous ranges"
+    print(f"Search space: {', '.join(space)} ({size}); {args.strategy} search over "
           f"{len(configs):,} configuration(s); model {args.model}; {len(data.val_inputs)} validation windows.")
     if args.estimate:
-        cost = estimate_cost(configs, data, args.model, device, args.seed)
+        cost = estimate_cost(configs, data, args.model, device, args.seed, args.estimate_steps)
         for batch_size, seconds in cost["seconds_per_step"].items():
             print(f"  batch_size {batch_size:>3}: {seconds * 1000:.1f} ms/step, "
                   f"{cost['steps_per_epoch'][batch_size]} steps/epoch")
+        print(f"  evaluation: {cost['eval_seconds']:.1f} s per trial")
         print(f"Estimated cost: {cost['trials']:,} trials x {cost['mean_seconds_per_trial']:.1f} s on average = "
               f"{cost['total_seconds'] / 3600:.1f} hours on one process ({device}).")
         return 0
@@ -787,6 +806,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # e.g. the schedule rejecting a configuration
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nInterrupted. The finished trials are in {ledger.path}: run the same command to continue.")
+        return 130
     print(f"Search took {time.perf_counter() - start:.1f} s in this session.")
     if not records:
         print("No finished trials yet.")

@@ -282,3 +282,25 @@ def test_a_search_killed_midway_and_restarted_records_every_trial_once(tmp_path)
     assert after[:len(before)] == before
     keys = [r["key"] for r in after]
     assert len(keys) == len(set(keys)) == 8
+
+
+def test_the_cost_estimate_prices_every_configuration_by_its_steps(monkeypatch):
+    """With a fake clock (each step of batch size b takes b/100 s, evaluation 1 s), the
+    projection must be the exact sum over the grid of epochs x steps per epoch x step time."""
+    import hparam_search
+
+    def fake_trial(trial, data, device):
+        steps = trial.total_steps(len(data.train_inputs) // trial.hparams["batch_size"])
+        train_seconds = steps * trial.hparams["batch_size"] / 100
+        return {"steps": steps, "train_seconds": train_seconds, "seconds": train_seconds + 1.0}
+
+    monkeypatch.setattr(hparam_search, "run_trial", fake_trial)
+    n_windows = 100
+    data = hparam_search.SearchData(torch.zeros(n_windows, 32, dtype=torch.long), None, None, None, "fake")
+    configs = grid_configs(validate_space({"batch_size": [2, 4], "n_epochs": [1, 3]}, "grid"))
+    cost = hparam_search.estimate_cost(configs, data, "tiny", torch.device("cpu"), seed=1)
+    assert cost["seconds_per_step"] == {2: pytest.approx(0.02), 4: pytest.approx(0.04)}
+    assert cost["steps_per_epoch"] == {2: 50, 4: 25}
+    expected = sum(epochs * (n_windows // b) * b / 100 + 1.0 for b in (2, 4) for epochs in (1, 3))
+    assert cost["total_seconds"] == pytest.approx(expected)
+    assert cost["mean_seconds_per_trial"] == pytest.approx(expected / 4)
