@@ -33,10 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Where GPT-2's files are kept (downloaded on first use).")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="Use your own model: a checkpoint.pth written by gpt_train.py, instead of GPT-2.")
-    parser.add_argument("--max-new-tokens", type=int, default=50)
+    parser.add_argument("--max-new-tokens", type=int, default=50, help="Stop after this many tokens.")
     parser.add_argument("--temperature", type=float, default=1.0, help="0 for greedy decoding.")
     parser.add_argument("--top-k", type=int, default=50, help="Sample only among the k most likely tokens; 0: all.")
-    parser.add_argument("--seed", type=int, default=123)
+    parser.add_argument("--seed", type=int, default=123, help="Seed of the sampling (same seed, same text).")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps.")
     return parser
 
