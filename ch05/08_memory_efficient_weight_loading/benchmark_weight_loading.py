@@ -9,13 +9,12 @@ The first run writes random weights of the chosen shape to --weights-dir (as .pt
 peak RSS only ever goes up: measured in one process, the first method's peak would
 hide the others'. Each process loads the model, runs one forward pass (which touches
 every weight) and reports its peak RSS (the kernel's high-water mark for the whole
-process, Python and PyTorch included), the time taken and, on CUDA, the GPU peak.
+process, Python and PyTorch included; see `run_worker`), the time taken and, on CUDA, the GPU peak.
 The table divides the peak RSS by the size of the weights file.
 """
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -33,20 +32,20 @@ from memory_efficient_loading import (
 GiB = 1024**3
 
 
-def peak_rss_of_process() -> int:
-    """This process's peak RSS since it started, in bytes (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
 def run_worker(method: str, weights_dir: Path, model_name: str, device: str) -> dict:
-    """Load once with `method` in this process and return the measurements."""
+    """Load once with `method` in this process and return the measurements.
+
+    The peak is `PeakMemory`'s (the kernel's high-water mark of this process, reset just
+    before loading), not `getrusage`'s `ru_maxrss`: on Linux a process started with
+    fork/vfork + exec inherits its parent's peak in `ru_maxrss`, which would report the
+    parent's memory instead of the method's.
+    """
     _, memory = measure_load(method, weights_dir, model_name, device)
     return {
         "method": method,
         "seconds": memory.seconds,
         "rss_before": memory.rss_before,
-        "peak_rss": peak_rss_of_process(),
+        "peak_rss": memory.peak_rss,
         "gpu_peak": memory.gpu_peak,
         "file_bytes": file_size(weights_file_for(method, weights_dir, model_name)),
     }

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from benchmark_weight_loading import format_table, main
+from benchmark_weight_loading import format_table, main, run_in_subprocess
 from memory_efficient_loading import (
     METHODS,
     MODEL_CONFIGS,
@@ -97,6 +97,17 @@ def test_benchmark_runs_methods_in_subprocesses(tmp_path, capsys):
     assert [r["method"] for r in rows] == ["naive", "mmap"]
     assert all(r["peak_rss"] >= r["rss_before"] > 0 for r in rows)
     assert format_table(rows) in capsys.readouterr().out
+
+
+def test_worker_peak_is_its_own_not_the_parents(weights_dir):
+    """A child process must not report the parent's memory (ru_maxrss survives fork + exec)."""
+    from memory_efficient_loading import _vm_kib
+
+    ballast = torch.ones(768 * 1024 * 1024 // 4)  # 768 MiB, touched, in this (the parent) process
+    parent_rss = _vm_kib("VmRSS") * 1024
+    row = run_in_subprocess("naive", weights_dir, "tiny", "cpu")
+    assert row["peak_rss"] < parent_rss - 512 * 1024 * 1024, (row["peak_rss"], parent_rss)
+    del ballast
 
 
 def test_benchmark_rejects_cuda_without_a_gpu(capsys):
