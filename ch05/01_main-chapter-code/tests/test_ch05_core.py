@@ -17,7 +17,8 @@ from ch05_utils import (
 )
 from previous_chapters import GPT_CONFIG_124M, GPTModel, create_dataloader_v1, generate_text_simple, get_tokenizer
 
-TINY = {**GPT_CONFIG_124M, "vocab_size": 1000, "context_length": 16, "emb_dim": 32, "n_heads": 4, "n_layers": 2, "drop_rate": 0.0}
+TINY = {**GPT_CONFIG_124M, "vocab_size": 1000, "context_length": 16, "emb_dim": 32, "n_heads": 4, "n_layers": 2,
+        "drop_rate": 0.0}
 
 
 @pytest.fixture(scope="module")
