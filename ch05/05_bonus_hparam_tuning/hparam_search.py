@@ -453,13 +453,15 @@ class Ledger:
     def append(self, record: dict) -> None:
         line = json.dumps(record, sort_keys=True).encode() + b"\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             if fcntl is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX)
-            size = os.fstat(fd).st_size
-            if size and os.pread(fd, 1, size - 1) != b"\n":
-                line = b"\n" + line  # end a fragment left by a crash, so this record stays whole
+            if os.fstat(fd).st_size:
+                with open(self.path, "rb") as f:
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":
+                        line = b"\n" + line  # end a fragment left by a crash, so this record stays whole
             written = os.write(fd, line)
             while written < len(line):
                 written += os.write(fd, line[written:])
@@ -686,7 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Refuse a validation split with fewer windows than this.")
     parser.add_argument("--seed", type=int, default=123, help="Seeds every trial, and the random sampling.")
     parser.add_argument("--workers", type=int, default=1, help="Trials run in parallel processes.")
-    parser.add_argument("--device", default="cpu", help="auto, cpu, cuda or mps.")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps.")
     parser.add_argument("--output-dir", type=Path, default=Path("output"),
                         help=f"Holds {LEDGER_NAME} and {PLOT_NAME}.")
     parser.add_argument("--top-k", type=int, default=5, help="Rows of the summary table.")
