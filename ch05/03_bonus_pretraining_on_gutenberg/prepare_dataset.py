@@ -17,13 +17,15 @@ and `metadata.json` lists the files, their token counts, each split's books and 
 skipped files. Whole books go to either split (never one book in both), so the
 validation loss measures text the model has not seen.
 
-The corpus is streamed: one book per worker is in memory at a time, never the whole
-corpus. The output is the same for any --workers (books are written in a fixed, seeded
-order) and for repeated runs.
+The corpus is streamed: at most 2 books per worker are in memory at a time, never the
+whole corpus. The output is the same for any --workers and --parallel (books are written
+in a fixed, seeded order) and for repeated runs.
 """
 
 import argparse
 import codecs
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 import json
 import math
 import multiprocessing
@@ -33,7 +35,6 @@ import re
 import sys
 import warnings
 from dataclasses import dataclass, field
-from multiprocessing.pool import ThreadPool
 from pathlib import Path
 
 import numpy as np
@@ -163,7 +164,7 @@ _tokenizer: tiktoken.Encoding | None = None
 
 
 def _get_tokenizer() -> tiktoken.Encoding:
-    global _tokenizer  # one per process: the pool's workers each load it once
+    global _tokenizer  # one per process: worker processes each load it once
     if _tokenizer is None:
         _tokenizer = tiktoken.get_encoding("gpt2")
     return _tokenizer
@@ -206,8 +207,26 @@ def process_book(path: Path, min_english_share: float) -> Book:
     return book
 
 
-def _process_book_star(args):
-    return process_book(*args)
+def process_in_order(paths: list[Path], min_english_share: float, workers: int, parallel: str):
+    """Yield `process_book` of each path, in the order of `paths`.
+
+    With workers > 1 the books are processed concurrently, but at most 2 * workers are in
+    flight or waiting to be written: memory stays bounded however large the corpus is,
+    and the output order (hence the output) does not depend on the number of workers.
+    """
+    if workers == 1:
+        yield from (process_book(path, min_english_share) for path in paths)
+        return
+    executor = (ThreadPoolExecutor(workers) if parallel == "thread"
+                else ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")))
+    with executor:
+        pending = deque()
+        for path in paths:
+            pending.append(executor.submit(process_book, path, min_english_share))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 #####################################
@@ -324,14 +343,8 @@ def prepare(data_dir: Path, output_dir: Path, max_size_mb: float = 500.0, shard_
         for split in ("train", "val")
     }
     skipped = []
-    jobs = [(path, min_english_share) for path in paths]
-    pool = None
-    if workers > 1:
-        pool = (ThreadPool(workers) if parallel == "thread" else multiprocessing.get_context("spawn").Pool(workers))
-    try:
-        # imap keeps the input order, so the output does not depend on the number of workers
-        results = pool.imap(_process_book_star, jobs) if pool else map(_process_book_star, jobs)
-        bar = tqdm(results, total=len(jobs), unit="book", desc="Preparing", disable=not progress)
+    results = process_in_order(paths, min_english_share, workers, parallel)
+    with tqdm(results, total=len(paths), unit="book", desc="Preparing", disable=not progress) as bar:
         for book in bar:
             for note in book.notes:
                 warnings.warn(f"{book.file}: {note}", stacklevel=1)
@@ -346,10 +359,6 @@ def prepare(data_dir: Path, output_dir: Path, max_size_mb: float = 500.0, shard_
             split["books"].append({"file": book.file, "characters": len(book.text), "tokens": len(book.tokens),
                                    "english_share": book.english_share})
             bar.set_postfix(kept=kept + 1, skipped=len(skipped))
-    finally:
-        if pool:
-            pool.close()
-            pool.join()
     for split in splits.values():
         split["text"].close()
         split["tokens"].close()
