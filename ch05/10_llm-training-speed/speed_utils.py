@@ -1,0 +1,403 @@
+"""Helpers shared by `00_orig.py`, `01_opt_single_gpu.py` and `02_opt_multi_gpu_ddp.py`.
+
+Three groups:
+
+* **Data**: the larger book (Tiny Shakespeare, public domain, ~338k GPT-2 tokens), a
+  token file written once and memory-mapped, and `TokenWindows`, which hands out the
+  windows of each optimizer step by step number alone. That makes resuming trivial
+  and lets every DDP rank read only its own share of each global batch.
+* **Accounting**: FLOPs per token, a table of peak FLOP/s per device name, MFU, a
+  throughput meter with synchronized timers, and peak memory.
+* **Command line**: options and checks that the three scripts have in common.
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from ch05_utils import DATA_DIR_ENV, cache_dir, fetch_verified, read_text_file
+from previous_chapters import GPT_CONFIG_124M, get_tokenizer
+
+TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+TINYSHAKESPEARE_NAME = "tinyshakespeare.txt"
+
+MODEL_PRESETS = {
+    "124M": GPT_CONFIG_124M,
+    "small": {**GPT_CONFIG_124M, "emb_dim": 256, "n_heads": 4, "n_layers": 4},
+    "tiny": {**GPT_CONFIG_124M, "emb_dim": 32, "n_heads": 2, "n_layers": 2},
+}
+MAX_CONTEXT_LENGTH = 1024
+
+
+#####################################
+# Data
+#####################################
+
+def default_text_path() -> Path:
+    """Tiny Shakespeare: `$CH05_DATA_DIR/tinyshakespeare.txt` if that variable is set,
+    else downloaded once into the cache and checked against its SHA-256."""
+    data_dir = os.environ.get(DATA_DIR_ENV)
+    if data_dir:
+        local = Path(data_dir) / TINYSHAKESPEARE_NAME
+        if not local.is_file():
+            raise FileNotFoundError(f"{DATA_DIR_ENV}={data_dir} is set but holds no {TINYSHAKESPEARE_NAME}; "
+                                    "add it there or pass --text-file.")
+        return local
+    return fetch_verified(TINYSHAKESPEARE_URL, cache_dir() / TINYSHAKESPEARE_NAME, TINYSHAKESPEARE_SHA256)
+
+
+def write_token_file(text_path: Path, token_path: Path) -> None:
+    """Encode the text with GPT-2's tokenizer into a flat uint16 `.npy` file, atomically.
+
+    GPT-2's 50,257 ids fit in 16 bits, half the size of int32. Written to a temporary
+    name and renamed, so a reader never sees a half-written file.
+    """
+    ids = get_tokenizer().encode(read_text_file(text_path), allowed_special={"<|endoftext|>"})
+    token_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = token_path.with_name(token_path.name + f".{os.getpid()}.tmp.npy")
+    np.save(tmp, np.asarray(ids, dtype=np.uint16))
+    os.replace(tmp, token_path)
+
+
+def load_tokens(token_path: Path) -> np.ndarray:
+    """The token file, memory-mapped: only the windows a process touches are read from disk."""
+    return np.load(token_path, mmap_mode="r")
+
+
+class TokenWindows:
+    """Non-overlapping windows of `context_length` + 1 tokens from one token array.
+
+    Windows are shuffled with a permutation that depends only on (seed, epoch), so every
+    process computes the same order without talking to the others. Optimizer step `s`
+    uses `global_batch` consecutive windows of that order; they are cut into micro-batches
+    of `micro_batch_size`, numbered 0, 1, ... With DDP, rank r of W ranks with A
+    accumulation steps each takes micro-batches r*A .. r*A + A - 1. One process with
+    W*A accumulation steps therefore sees exactly the same windows in the same
+    micro-batches as W ranks together.
+    """
+
+    def __init__(self, tokens: np.ndarray, context_length: int, seed: int = 123):
+        self.tokens = tokens
+        self.context_length = context_length
+        self.seed = seed
+        self.num_windows = (len(tokens) - 1) // context_length
+
+    def order(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.num_windows, generator=torch.Generator().manual_seed(self.seed + epoch))
+
+    def steps_per_epoch(self, global_batch: int) -> int:
+        return self.num_windows // global_batch
+
+    def micro_batch(self, step: int, micro_index: int, micro_batch_size: int,
+                    micro_batches_per_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets (int64, shape (micro_batch_size, context_length)) of one micro-batch."""
+        global_batch = micro_batch_size * micro_batches_per_step
+        per_epoch = self.steps_per_epoch(global_batch)
+        if per_epoch == 0:
+            raise ValueError(f"The text has only {self.num_windows} windows of {self.context_length} tokens, fewer "
+                             f"than one global batch of {global_batch}; use a smaller batch or a longer text.")
+        epoch, step_in_epoch = divmod(step, per_epoch)
+        start = step_in_epoch * global_batch + micro_index * micro_batch_size
+        windows = self.order(epoch)[start:start + micro_batch_size].tolist()
+        ctx = self.context_length
+        rows = np.stack([np.asarray(self.tokens[w * ctx:w * ctx + ctx + 1], dtype=np.int64) for w in windows])
+        batch = torch.from_numpy(rows)
+        return batch[:, :-1], batch[:, 1:]
+
+
+def split_tokens(tokens: np.ndarray, train_ratio: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
+    """Training and validation tokens: the first `train_ratio` of the text, and the rest."""
+    split = int(train_ratio * len(tokens))
+    return tokens[:split], tokens[split:]
+
+
+#####################################
+# Accounting
+#####################################
+
+# Dense peak FLOP/s (no 2:4 sparsity) from the vendors' data sheets, keyed by the name that
+# torch.cuda.get_device_name() reports, and by the precision the matrix products run in.
+# A device that is not listed gets MFU "unknown": a guessed peak would make a made-up MFU.
+PEAK_FLOPS = {
+    "NVIDIA H100 80GB HBM3": {"bf16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12},  # H100 SXM5
+    "NVIDIA H100 PCIe": {"bf16": 756.0e12, "tf32": 378.0e12, "fp32": 51.2e12},
+    "NVIDIA H200": {"bf16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12},  # same chip as the H100 SXM5
+    "NVIDIA A100-SXM4-80GB": {"bf16": 312.0e12, "tf32": 156.0e12, "fp32": 19.5e12},
+    "NVIDIA A100-SXM4-40GB": {"bf16": 312.0e12, "tf32": 156.0e12, "fp32": 19.5e12},
+    "NVIDIA A100 80GB PCIe": {"bf16": 312.0e12, "tf32": 156.0e12, "fp32": 19.5e12},
+    "NVIDIA A100-PCIE-40GB": {"bf16": 312.0e12, "tf32": 156.0e12, "fp32": 19.5e12},
+}
+
+
+def matmul_params(cfg: dict) -> int:
+    """N in "6N": every parameter except the token and position embedding tables.
+
+    The embeddings are lookups (no multiply-adds); the output head is a real matrix
+    product and is counted (this model does not tie it to the token embedding). Biases
+    and LayerNorm scales are counted too (under 0.1% of N). `vocab_size` is the real
+    vocabulary: padding it for speed adds no useful work.
+    """
+    d, n_layers, vocab = cfg["emb_dim"], cfg["n_layers"], cfg["vocab_size"]
+    attention = 3 * d * d + (3 * d if cfg["qkv_bias"] else 0) + d * d + d
+    feed_forward = d * 4 * d + 4 * d + 4 * d * d + d
+    norms = 2 * 2 * d
+    return n_layers * (attention + feed_forward + norms) + 2 * d + d * vocab
+
+
+def flops_per_token(cfg: dict) -> float:
+    """Training FLOPs per token: 6N + 12 * n_layers * context_length * emb_dim.
+
+    6N: each parameter does one multiply-add (2 FLOPs) per token in the forward pass
+    and two in the backward pass (gradients of inputs and of weights). The attention
+    term counts Q @ K^T and attention @ V the same way (2 * 2 * T * d forward per layer
+    and token, times 3 for forward + backward), for the full T x T score matrix, i.e.
+    *not* halved for the causal mask. This is the convention of the PaLM paper
+    (appendix B) and nanoGPT, so MFU figures are comparable with theirs; kernels that
+    skip the masked half (FlashAttention) do less work than is counted here.
+    """
+    return 6 * matmul_params(cfg) + 12 * cfg["n_layers"] * cfg["context_length"] * cfg["emb_dim"]
+
+
+def device_name(device: torch.device) -> str:
+    """The name the peak table is keyed by: the GPU's name, or the CPU's model name."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+        return platform.processor() or "cpu"
+    return device.type
+
+
+def peak_flops(name: str, precision: str) -> float | None:
+    """Peak FLOP/s of device `name` in `precision` ('bf16', 'tf32' or 'fp32'), None if not listed."""
+    return PEAK_FLOPS.get(name, {}).get(precision)
+
+
+def mfu(tokens_per_s: float, flops_token: float, name: str, precision: str) -> float | None:
+    """Model FLOPs utilization: achieved model FLOP/s over the device's peak (None: unknown)."""
+    peak = peak_flops(name, precision)
+    return None if peak is None else tokens_per_s * flops_token / peak
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait until the device has finished all queued work (GPU kernels run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+class ThroughputMeter:
+    """Tokens per second over optimizer steps, from synchronized timers.
+
+    `start()` marks the beginning of a step, `stop(tokens)` its end; both first wait for
+    the device, since a GPU runs kernels asynchronously and an unsynchronized clock
+    measures only how fast Python queues them. The first `warmup_steps` steps are not
+    counted (they include torch.compile's compilation, cuDNN/cuBLAS autotuning and
+    allocator growth). Time between `stop` and the next `start` (evaluation,
+    checkpoints) is not counted either. `clock` and `sync` can be replaced in tests.
+    """
+
+    def __init__(self, warmup_steps: int, sync: Callable[[], None] = lambda: None,
+                 clock: Callable[[], float] = time.perf_counter):
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        self.warmup_steps = warmup_steps
+        self.sync = sync
+        self.clock = clock
+        self.steps = 0
+        self.measured_steps = 0
+        self.measured_tokens = 0
+        self.measured_seconds = 0.0
+        self._t0: float | None = None
+
+    def start(self) -> None:
+        self.sync()
+        self._t0 = self.clock()
+
+    def stop(self, tokens: int, discard: bool = False) -> None:
+        """End a step of `tokens` tokens; `discard=True` leaves it out (it did extra work)."""
+        if self._t0 is None:
+            raise RuntimeError("ThroughputMeter.stop() called without start()")
+        self.sync()
+        elapsed = self.clock() - self._t0
+        self._t0 = None
+        self.steps += 1
+        if self.steps > self.warmup_steps and not discard:
+            self.measured_steps += 1
+            self.measured_tokens += tokens
+            self.measured_seconds += elapsed
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """None until at least one step after the warm-up was measured."""
+        if self.measured_steps == 0 or self.measured_seconds <= 0:
+            return None
+        return self.measured_tokens / self.measured_seconds
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, what was measured): the CUDA caching allocator's peak of allocated tensor
+    memory on a GPU; the process's peak resident set size (everything, Python included) on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "peak GPU memory allocated by tensors"
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes
+    return rss_kib * scale, "peak resident set size of the process"
+
+
+def precision_name(device: torch.device, bf16: bool, tf32: bool) -> str:
+    """The precision the matrix products run in, which selects the peak FLOP/s."""
+    if bf16:
+        return "bf16"
+    if tf32 and device.type == "cuda":
+        return "tf32"
+    return "fp32"
+
+
+def throughput_report(meter: ThroughputMeter, cfg: dict, device: torch.device, precision: str) -> dict:
+    """Everything the benchmark table needs, as a dict (also written to --metrics-json)."""
+    name = device_name(device)
+    flops_token = flops_per_token(cfg)
+    tps = meter.tokens_per_s
+    mem_bytes, mem_what = peak_memory(device)
+    util = None if tps is None else mfu(tps, flops_token, name, precision)
+    return {
+        "device": name,
+        "precision": precision,
+        "tokens_per_s": tps,
+        "measured_steps": meter.measured_steps,
+        "warmup_steps_excluded": min(meter.steps, meter.warmup_steps),
+        "other_steps_excluded": max(meter.steps - meter.warmup_steps, 0) - meter.measured_steps,
+        "flops_per_token": flops_token,
+        "model_flops_per_s": None if tps is None else tps * flops_token,
+        "mfu": util,
+        "peak_memory_bytes": mem_bytes,
+        "peak_memory_what": mem_what,
+    }
+
+
+def format_report(report: dict) -> str:
+    """The report as the lines a script prints at the end of a run."""
+    if report["tokens_per_s"] is None:
+        return (f"Throughput: not measured (only {report['warmup_steps_excluded']} warm-up step(s) ran; "
+                "run more steps than --warmup-steps).")
+    util = "unknown (device not in the peak FLOP/s table)" if report["mfu"] is None else f"{report['mfu']:.1%}"
+    return "\n".join([
+        f"Throughput: {report['tokens_per_s']:,.0f} tokens/s over {report['measured_steps']} steps "
+        f"(synchronized timers; excluded: the first {report['warmup_steps_excluded']} warm-up/compile step(s), "
+        f"{report['other_steps_excluded']} step(s) that evaluated or sampled, all evaluation time)",
+        f"Model FLOPs: {report['flops_per_token'] / 1e6:,.1f} MFLOP/token (6N + attention, PaLM convention) "
+        f"-> {report['model_flops_per_s'] / 1e12:.3f} TFLOP/s",
+        f"MFU on {report['device']} ({report['precision']}): {util}",
+        f"Peak memory: {report['peak_memory_bytes'] / 2**30:.2f} GiB ({report['peak_memory_what']})",
+    ])
+
+
+def write_json_atomic(obj: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 2048,
+                         repeats: int = 10) -> float:
+    """FLOP/s of a square `size` x `size` matrix product: the practical peak of this device,
+    for judging model FLOP/s where the peak table has no entry (e.g. a CPU)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+#####################################
+# Command line
+#####################################
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options every script of this folder has, with the same defaults."""
+    parser.add_argument("--text-file", type=Path, default=None,
+                        help=f"UTF-8 training text. Default: Tiny Shakespeare, downloaded once from "
+                             f"{TINYSHAKESPEARE_URL} and checked against its SHA-256, or taken from "
+                             f"${DATA_DIR_ENV}/{TINYSHAKESPEARE_NAME} if that variable is set.")
+    parser.add_argument("--model", choices=sorted(MODEL_PRESETS), default="124M", help="Model shape.")
+    parser.add_argument("--context-length", type=int, default=1024,
+                        help=f"Tokens per training window (at most {MAX_CONTEXT_LENGTH}).")
+    parser.add_argument("--drop-rate", type=float, default=0.1, help="Dropout rate.")
+    parser.add_argument("--batch-size", type=int, default=4, help="Windows per (micro-)batch.")
+    parser.add_argument("--num-epochs", type=int, default=1)
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="Stop after this many optimizer steps in total (the run can be resumed).")
+    parser.add_argument("--lr", type=float, default=4e-4, help="(Peak) AdamW learning rate.")
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--eval-freq", type=int, default=50, help="Evaluate every N optimizer steps.")
+    parser.add_argument("--eval-iter", type=int, default=5,
+                        help="Validation batches per evaluation (0: none; 00_orig.py needs >= 1).")
+    parser.add_argument("--warmup-steps", type=int, default=2,
+                        help="Steps left out of the throughput figure (warm-up, compilation).")
+    parser.add_argument("--seed", type=int, default=123)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps.")
+    parser.add_argument("--output-dir", type=Path, default=Path("output"))
+    parser.add_argument("--checkpoint-every", type=int, default=0,
+                        help="Also save a checkpoint every N steps (0: only at the end).")
+    parser.add_argument("--resume", action="store_true",
+                        help="Continue from --output-dir/checkpoint.pth (starts fresh if there is none).")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Start over even if --output-dir already holds a checkpoint.")
+    parser.add_argument("--metrics-json", type=Path, default=None,
+                        help="Also write the throughput figures to this JSON file (the benchmark reads it).")
+    parser.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
+
+
+def check_common_arguments(args: argparse.Namespace) -> None:
+    """Reject settings that cannot work, before any time is spent."""
+    positive = {"--batch-size": args.batch_size, "--num-epochs": args.num_epochs, "--eval-freq": args.eval_freq}
+    if args.max_steps is not None:
+        positive["--max-steps"] = args.max_steps
+    for name, value in positive.items():
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}.")
+    if not 1 <= args.context_length <= MAX_CONTEXT_LENGTH:
+        raise ValueError(f"--context-length must be between 1 and {MAX_CONTEXT_LENGTH}, got {args.context_length}.")
+    if not 0 <= args.drop_rate < 1:
+        raise ValueError(f"--drop-rate must be in [0, 1), got {args.drop_rate}.")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise ValueError(f"--lr must be a positive number, got {args.lr}.")
+    if args.weight_decay < 0:
+        raise ValueError(f"--weight-decay must be >= 0, got {args.weight_decay}.")
+    if args.eval_iter < 0:
+        raise ValueError(f"--eval-iter must be >= 0, got {args.eval_iter}.")
+    if args.warmup_steps < 0:
+        raise ValueError(f"--warmup-steps must be >= 0, got {args.warmup_steps}.")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other; pick one.")
+    checkpoint = args.output_dir / "checkpoint.pth"
+    if checkpoint.exists() and not (args.resume or args.overwrite):
+        raise ValueError(f"{checkpoint} already exists: pass --resume to continue that run "
+                         "or --overwrite to start a new one.")
+
+
+def model_config(args: argparse.Namespace) -> dict:
+    return {**MODEL_PRESETS[args.model], "context_length": args.context_length, "drop_rate": args.drop_rate}
