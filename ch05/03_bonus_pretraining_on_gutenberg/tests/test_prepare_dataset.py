@@ -9,6 +9,7 @@ import json
 import os
 import re
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -251,3 +252,26 @@ def test_benchmark_script(tmp_path, capsys):
     assert benchmark(["--data-dir", str(tmp_path), "--workers", "2", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "1 worker" in out and "2 threads" in out and "2 processes" in out and "speed-up" in out
+
+
+def test_workers_keep_the_order_and_a_bounded_number_of_books_in_memory(monkeypatch):
+    """The corpus is streamed: books are processed ahead of the writer by at most 2 * workers."""
+    import threading
+
+    import prepare_dataset
+
+    started, lock = [], threading.Lock()
+
+    def fake_process_book(path, min_english_share):
+        with lock:
+            started.append(path)
+        return path
+
+    monkeypatch.setattr(prepare_dataset, "process_book", fake_process_book)
+    paths = [Path(f"book{i}.txt") for i in range(40)]
+    results = prepare_dataset.process_in_order(paths, 0.25, workers=3, parallel="thread")
+    for consumed, path in enumerate(results, start=1):
+        assert path == paths[consumed - 1]
+        time.sleep(0.002)  # a slow writer: the workers must wait for it, not run ahead
+        with lock:
+            assert len(started) - consumed <= 2 * 3
