@@ -85,23 +85,23 @@ def train_tiny_sentencepiece(text: str, folder: str | Path, vocab_size: int = 30
     return folder / "tokenizer.model"
 
 
-def hf_llama_config(version: str, vocab_size: int, sizes: dict | None = None):
+def hf_llama_config(version: str, vocab_size: int):
     """A tiny `transformers.LlamaConfig` with the features of Llama `version` ("2", "3", "3.1" or "3.2")."""
     from transformers import LlamaConfig
 
     dims = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 8,
-            "max_position_embeddings": 128, **(sizes or {})}
-    rope = {"rope_type": "default", "rope_theta": 10_000.0}
-    if version != "2":
-        rope["rope_theta"] = 500_000.0
+            "max_position_embeddings": 128}
+    # rope_theta / rope_scaling: the keys of transformers 4.x, which 5.x still accepts.
+    rope_theta = 10_000.0 if version == "2" else 500_000.0
+    rope_scaling = None
     if version in ("3.1", "3.2"):
         # Llama 3.1/3.2 scaling with a small "original context" so the tiny model's positions reach it.
-        rope.update(rope_type="llama3", factor=8.0 if version == "3.1" else 32.0, low_freq_factor=1.0,
-                    high_freq_factor=4.0, original_max_position_embeddings=32)
+        rope_scaling = {"rope_type": "llama3", "factor": 8.0 if version == "3.1" else 32.0, "low_freq_factor": 1.0,
+                        "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
     return LlamaConfig(
         vocab_size=vocab_size, **dims,
         num_key_value_heads=dims["num_attention_heads"] if version == "2" else dims["num_attention_heads"] // 4,
-        rms_norm_eps=1e-5, rope_parameters=rope, tie_word_embeddings=version == "3.2",
+        rms_norm_eps=1e-5, rope_theta=rope_theta, rope_scaling=rope_scaling, tie_word_embeddings=version == "3.2",
         bos_token_id=None, eos_token_id=None, pad_token_id=None)
 
 

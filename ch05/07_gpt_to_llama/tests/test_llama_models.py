@@ -91,12 +91,12 @@ def test_fresh_model_ties_embeddings():
 @pytest.mark.parametrize("version,head_dim", [("2", 128), ("3", 128), ("3.1", 128), ("3.2", 64)])
 def test_rope_matches_transformers(version, head_dim):
     """Real Llama RoPE settings (theta, 3.1/3.2 scaling with original context 8192) at positions up to 131k."""
-    rope = {"rope_type": "default", "rope_theta": 10_000.0 if version == "2" else 500_000.0}
+    rope_scaling = None
     if version in ("3.1", "3.2"):
-        rope.update(rope_type="llama3", factor=8.0 if version == "3.1" else 32.0, low_freq_factor=1.0,
-                    high_freq_factor=4.0, original_max_position_embeddings=8192)
+        rope_scaling = {"rope_type": "llama3", "factor": 8.0 if version == "3.1" else 32.0, "low_freq_factor": 1.0,
+                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     hf_cfg = LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, max_position_embeddings=131_072,
-                         rope_parameters=rope)
+                         rope_theta=10_000.0 if version == "2" else 500_000.0, rope_scaling=rope_scaling)
     ours = config_from_hf(hf_cfg.to_dict())
     cos, sin = compute_rope_params(head_dim, ours["rope_base"], 131_072, ours["rope_freq"])
     positions = torch.arange(0, 131_072, 509)
