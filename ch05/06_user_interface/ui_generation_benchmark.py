@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", choices=sorted(BENCHMARK_CONFIGS), default="124M", help="Model shape.")
     parser.add_argument("--new-tokens", type=int, default=200, help="Tokens to generate per run.")
     parser.add_argument("--prompt", default="Every effort moves you", help="Prompt to continue.")
-    parser.add_argument("--repeats", type=int, default=3, help="Timed runs per method (the best counts).")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="Rounds in which every method runs once (the best time of each counts).")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
     parser.add_argument("--skip-uncached", action="store_true", help="Skip the slow run without a KV cache.")
     parser.add_argument("--skip-transformers", action="store_true", help="Skip the transformers comparison.")
@@ -116,17 +117,6 @@ def measure_read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
     return n_bytes / best
 
 
-def best_time(fn, repeats: int) -> tuple[float, list[int]]:
-    """Shortest wall time of `repeats` calls of `fn` (after one warm-up call) and its output."""
-    fn()
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.new_tokens < 1 or args.repeats < 1:
@@ -145,31 +135,43 @@ def main(argv: list[str] | None = None) -> int:
     idx = torch.tensor([prompt_ids])
 
     per_token = weight_bytes_per_token(model)
-    bandwidth = measure_read_bandwidth(n_bytes=min(1 << 30, max(1 << 28, 2 * per_token)))
-    ceiling = bandwidth / per_token
+    buffer_bytes = min(1 << 30, max(1 << 28, 2 * per_token))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, model {args.model} "
           f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, fp32), greedy, "
-          f"{n} new tokens, best of {args.repeats}")
-    print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s; weights read per token: {per_token / 1e9:.3f} GB "
-          f"-> ceiling {ceiling:.1f} tokens/s")
+          f"{n} new tokens, best of {args.repeats} rounds")
 
-    results = {}
-    seconds, results["ours, KV cache"] = best_time(
-        lambda: list(generate_stream(model, prompt_ids, n)), args.repeats)
-    timings = {"ours, KV cache": seconds}
+    methods = {"ours, KV cache": lambda k: list(generate_stream(model, prompt_ids, k))}
     if not args.skip_uncached:
-        seconds, out = best_time(lambda: generate(model, idx, n, cfg["context_length"]), args.repeats)
-        timings["ours, no cache"], results["ours, no cache"] = seconds, out[0, len(prompt_ids):].tolist()
+        methods["ours, no cache"] = lambda k: generate(model, idx, k, cfg["context_length"])[0, idx.shape[1]:].tolist()
     if not args.skip_transformers:
         hf_model = to_transformers(model)
-        with torch.inference_mode():
-            seconds, out = best_time(lambda: hf_model.generate(
-                idx, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
-                attention_mask=torch.ones_like(idx), pad_token_id=0), args.repeats)
-        timings["transformers generate"] = seconds
-        results["transformers generate"] = out[0, len(prompt_ids):].tolist()
 
-    for name, seconds in timings.items():
+        def hf_generate(k: int) -> list[int]:
+            with torch.inference_mode():
+                out = hf_model.generate(idx, max_new_tokens=k, min_new_tokens=k, do_sample=False, use_cache=True,
+                                        attention_mask=torch.ones_like(idx), pad_token_id=0)
+            return out[0, idx.shape[1]:].tolist()
+
+        methods["transformers generate"] = hf_generate
+
+    # A short warm-up call takes one-time costs (allocations, lazy initialization) out
+    # of the timing. Then the methods take turns, round after round, and the bandwidth
+    # is measured in every round too: on a shared machine the load changes over time,
+    # and taking turns exposes every method to the same conditions.
+    for generate_n in methods.values():
+        generate_n(4)
+    best = dict.fromkeys(methods, float("inf"))
+    bandwidth, results = 0.0, {}
+    for _ in range(args.repeats):
+        bandwidth = max(bandwidth, measure_read_bandwidth(buffer_bytes))
+        for name, generate_n in methods.items():
+            start = time.perf_counter()
+            results[name] = generate_n(n)
+            best[name] = min(best[name], time.perf_counter() - start)
+    ceiling = bandwidth / per_token
+    print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s; weights read per token: {per_token / 1e9:.3f} GB "
+          f"-> ceiling {ceiling:.1f} tokens/s")
+    for name, seconds in best.items():
         rate = n / seconds
         print(f"{name:<22} {rate:8.1f} tokens/s  ({rate / ceiling:6.1%} of the ceiling)")
     reference = results["ours, KV cache"]
