@@ -61,6 +61,9 @@ def gpt_config_from_hf(hf_config: Mapping, qkv_bias: bool = True) -> dict:
         raise WeightFormatError(
             f"config.json uses activation {hf_config['activation_function']!r}; GPTModel's GELU is "
             "the tanh approximation ('gelu_new'), so the logits would not match.")
+    missing = [k for k in ("vocab_size", "n_positions", "n_embd", "n_head", "n_layer") if k not in hf_config]
+    if missing:
+        raise WeightFormatError(f"config.json lacks {', '.join(missing)}: it is not a GPT-2 config.")
     return {
         "vocab_size": hf_config["vocab_size"],
         "context_length": hf_config["n_positions"],
@@ -446,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         state_dict, cfg = load_any(args.input, args.n_heads)
         model = build_gpt(state_dict, cfg)
-    except (WeightFormatError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError) as err:  # WeightFormatError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 2
     n_params = sum(t.numel() for t in state_dict.values())

@@ -239,6 +239,14 @@ def test_wrong_shape_is_named(hf_files):
         build_gpt(state_dict, cfg)
 
 
+def test_config_without_gpt2_fields_is_rejected(hf_files):
+    folder, sd = hf_files
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 50257}))
+    save_file(sd, folder / "model.safetensors")
+    with pytest.raises(WeightFormatError, match="lacks n_positions, n_embd, n_head, n_layer"):
+        load_hf(folder)
+
+
 def test_unexpected_key_in_our_state_dict_is_named(trained_checkpoint):
     checkpoint = torch.load(trained_checkpoint, weights_only=True)
     checkpoint["model"]["trf_blocks.0.att.rotary"] = torch.zeros(3)
