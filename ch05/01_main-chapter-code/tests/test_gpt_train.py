@@ -82,8 +82,8 @@ def test_sigkill_at_random_moments_never_corrupts_the_checkpoint(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     rng = random.Random(0)
 
-    def writing_now() -> bool:
-        return any(out.glob("checkpoint.pth.*.tmp"))
+    def writing_now() -> bool:  # replacing an existing checkpoint: the dangerous moment
+        return (out / "checkpoint.pth").exists() and any(out.glob("checkpoint.pth.*.tmp"))
 
     def after_random_delay(delay: float):
         deadline = time.monotonic() + delay
