@@ -10,6 +10,14 @@ TORCH ?= torch==2.13.0
 PY := $(abspath $(VENV))/bin/python
 EXTRAS := $(wildcard ch05/*/requirements-extra.txt)
 
+# Machines without internet that keep the course data beside the clone (../shared/data)
+# use it, unless the environment already says where the data is.
+SHARED_DATA := $(abspath ../shared/data)
+ifneq ($(wildcard $(SHARED_DATA)/the-verdict.txt),)
+export CH05_DATA_DIR ?= $(SHARED_DATA)
+export TIKTOKEN_CACHE_DIR ?= $(SHARED_DATA)/tiktoken-cache
+endif
+
 .PHONY: run test lint sync setup setup-test clean
 
 run: $(VENV)/.installed
