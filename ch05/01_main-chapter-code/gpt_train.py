@@ -19,6 +19,7 @@ import torch
 from ch05_utils import (
     TrainProgress,
     create_train_val_loaders,
+    evaluate_model,
     generate,
     get_device,
     get_rng_states,
@@ -175,7 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         epochs_seen = torch.linspace(0, progress.epoch + progress.batches_done / len(train_loader),
                                      len(train_losses)).tolist()
         plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, args.output_dir / "loss.png")
-        print(f"Final losses: training {train_losses[-1]:.3f}, validation {val_losses[-1]:.3f}.")
+    # The periodic evaluations may end a few steps before training does: measure once more.
+    final_train, final_val = evaluate_model(model, train_loader, val_loader, device, args.eval_iter)
+    print(f"Final losses (after step {progress.global_step + 1}): training {final_train:.3f}, "
+          f"validation {final_val:.3f}.")
     print(f"Saved {checkpoint_path} and {args.output_dir / 'loss.png'}.")
 
     model.eval()
