@@ -277,11 +277,13 @@ def train_model_simple(model: torch.nn.Module, train_loader: DataLoader, val_loa
     while progress.epoch < num_epochs:
         if generator is not None:
             if progress.batches_done == 0:
+                if progress.loader_rng_now is not None:  # a no-op unless resuming at an epoch boundary
+                    generator.set_state(progress.loader_rng_now)
                 progress.loader_rng_epoch_start = generator.get_state()
             else:  # resuming mid-epoch: replay this epoch's shuffle order
                 generator.set_state(progress.loader_rng_epoch_start)
         model.train()
-        batches = iter(train_loader)
+        loader_iter = batches = iter(train_loader)
         for _ in range(progress.batches_done):
             next(batches)
         if generator is not None and progress.loader_rng_now is not None and progress.batches_done:
@@ -307,6 +309,9 @@ def train_model_simple(model: torch.nn.Module, train_loader: DataLoader, val_loa
                 print_fn(f"Ep {progress.epoch + 1} (Step {progress.global_step:06d}): "
                          f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
             if progress.batches_done == len(train_loader):  # epoch done: move on before saving
+                # Finish the iterator as a plain `for` loop would: its last call draws from
+                # the shuffling generator, and the next epoch's order depends on that.
+                next(loader_iter, None)
                 generate_and_print_sample(model, tokenizer, device, start_context, print_fn=print_fn)
                 progress.epoch += 1
                 progress.batches_done = 0
@@ -317,7 +322,7 @@ def train_model_simple(model: torch.nn.Module, train_loader: DataLoader, val_loa
             if max_steps is not None and progress.global_step + 1 >= max_steps:
                 return progress.train_losses, progress.val_losses, progress.track_tokens_seen
             if progress.batches_done == 0:
-                break  # the epoch is over (the iterator may not have noticed yet)
+                break  # the epoch is over
     return progress.train_losses, progress.val_losses, progress.track_tokens_seen
 
 

@@ -51,10 +51,11 @@ def test_same_seed_gives_identical_losses(tmp_path):
     assert a["train_losses"] != c["train_losses"]
 
 
-def test_resume_mid_epoch_is_bitwise_identical(tmp_path):
+@pytest.mark.parametrize("stop_after", [25, 18], ids=["mid-epoch", "epoch-boundary"])
+def test_resume_is_bitwise_identical(tmp_path, stop_after):
     straight = train(tmp_path, "straight", "--num-epochs", "2")
-    # 18 batches per epoch: stop at step 25, in the middle of the second epoch.
-    train(tmp_path, "split", "--num-epochs", "2", "--max-steps", "25")
+    # 18 batches per epoch: stop in the middle of the second epoch, or right after the first.
+    train(tmp_path, "split", "--num-epochs", "2", "--max-steps", str(stop_after))
     resumed = train(tmp_path, "split", "--num-epochs", "2", "--resume")
     assert resumed == straight
     assert_same_weights(final_state(tmp_path, "straight"), final_state(tmp_path, "split"))
