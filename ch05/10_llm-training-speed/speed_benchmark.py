@@ -6,10 +6,12 @@ optimizations are switched on one after another, in one invocation, and print a 
 
 Every configuration runs in its own process (so peak memory and torch.compile caches
 do not leak from one row into the next) for --warmup-steps untimed plus --steps timed
-optimizer steps, and reports through --metrics-json. Before the runs, the benchmark
-times a plain square matrix product in each precision the rows use: the practical
-peak of this device, which the table compares the model FLOP/s with (useful where the
-peak FLOP/s table has no entry, like a CPU). Rows that need CUDA are skipped elsewhere.
+optimizer steps, and reports through --metrics-json. Before the first row and after
+every row, the benchmark times plain square matrix products in each precision the rows
+use: the practical peak of this device. Each row's model FLOP/s is compared with the
+mean of the measurements just before and just after it, since a shared machine's speed
+drifts over the minutes a benchmark takes (useful where the peak FLOP/s table has no
+entry, like a CPU). Rows that need CUDA are skipped elsewhere.
 """
 
 import argparse
@@ -38,6 +40,7 @@ CONFIGS = [
     ("+ scaled_dot_product_attention", "01_opt_single_gpu.py", ["--sdpa"], False),
     ("+ vocabulary padded to 50,304", "01_opt_single_gpu.py", ["--pad-vocab"], False),
     ("+ no weight decay on biases/norms", "01_opt_single_gpu.py", ["--no-decay-bias-norm"], False),
+    ("+ gradient buffers kept between steps", "01_opt_single_gpu.py", ["--keep-grad-buffers"], False),
     ("+ torch.compile", "01_opt_single_gpu.py", ["--compile"], False),
 ]
 
@@ -49,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", choices=sorted(MODEL_PRESETS), default="124M")
     parser.add_argument("--context-length", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=1, help="Windows per micro-batch, the same in every row.")
+    parser.add_argument("--drop-rate", type=float, default=0.1,
+                        help="Dropout rate of every row (the chapter's 0.1; large-data pretraining often uses 0).")
     parser.add_argument("--steps", type=int, default=3, help="Timed optimizer steps per row.")
     parser.add_argument("--warmup-steps", type=int, default=2, help="Untimed steps per row (compilation, warm-up).")
     parser.add_argument("--grad-accum-steps", type=int, default=2,
@@ -81,6 +86,7 @@ def run_row(script: str, flags: list[str], args: argparse.Namespace, workdir: Pa
     metrics = workdir / "metrics.json"
     cmd = [sys.executable, str(HERE / script), "--device", args.device, "--model", args.model,
            "--context-length", str(args.context_length), "--batch-size", str(args.batch_size),
+           "--drop-rate", str(args.drop_rate),
            "--max-steps", str(args.warmup_steps + args.steps), "--warmup-steps", str(args.warmup_steps),
            "--eval-freq", "1000000", "--eval-iter", "1" if script == "00_orig.py" else "0",
            "--output-dir", str(workdir), "--metrics-json", str(metrics), "--no-progress", *flags]
@@ -104,7 +110,11 @@ def measure_peaks(device: torch.device) -> dict[str, float]:
     return peaks
 
 
-def format_table(results: list[dict], peaks: dict[str, float]) -> str:
+def mean_peaks(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: (before[k] + after[k]) / 2 for k in before}
+
+
+def format_table(results: list[dict]) -> str:
     base = results[0].get("tokens_per_s")
     lines = ["| configuration | tokens/s | vs. 00 | peak memory (GiB) | model TFLOP/s | % of measured matmul | MFU |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -112,8 +122,9 @@ def format_table(results: list[dict], peaks: dict[str, float]) -> str:
         if "error" in r:
             lines.append(f"| {r['label']} | failed: {r['error']} | | | | | |")
             continue
-        tps, flops, precision = r["tokens_per_s"], r["model_flops_per_s"], r["precision"]
-        of_matmul = f"{flops / peaks[precision]:.0%} ({precision})" if precision in peaks else ""
+        tps, flops, precision, peaks = r["tokens_per_s"], r["model_flops_per_s"], r["precision"], r["matmul_peaks"]
+        of_matmul = (f"{flops / peaks[precision]:.0%} of {peaks[precision] / 1e12:.3f} ({precision})"
+                     if precision in peaks else "")
         util = "unknown" if r["mfu"] is None else f"{r['mfu']:.1%}"
         lines.append(f"| {r['label']} | {tps:,.0f} | {tps / base:.2f}x | {r['peak_memory_bytes'] / 2**30:.2f} | "
                      f"{flops / 1e12:.3f} | {of_matmul} | {util} |")
@@ -131,23 +142,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.device = device.type
     rows = rows_for(device, args.grad_accum_steps, compile_model=not args.no_compile)[:args.only]
+    print(f"Device: {device_name(device)}, {torch.get_num_threads()} CPU threads.", flush=True)
+    print(f"Model {args.model}, context {args.context_length}, micro-batch {args.batch_size}, dropout "
+          f"{args.drop_rate}; {args.warmup_steps} untimed + {args.steps} timed steps per row.", flush=True)
     peaks = measure_peaks(device)
-    print(f"Device: {device_name(device)}, {torch.get_num_threads()} CPU threads; measured matmul peak: "
-          + ", ".join(f"{k} {v / 1e12:.3f} TFLOP/s" for k, v in peaks.items()), flush=True)
-    print(f"Model {args.model}, context {args.context_length}, micro-batch {args.batch_size}; "
-          f"{args.warmup_steps} untimed + {args.steps} timed steps per row.", flush=True)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (label, script, flags) in enumerate(rows):
             result = {"label": label, "script": script, "flags": flags,
                       **run_row(script, flags, args, Path(tmp) / f"row{i}")}
+            peaks_after = measure_peaks(device)
+            result["matmul_peaks"] = mean_peaks(peaks, peaks_after)
+            peaks = peaks_after
             results.append(result)
             summary = result.get("error") or f"{result['tokens_per_s']:,.0f} tokens/s"
-            print(f"[{i + 1}/{len(rows)}] {label}: {summary}  ({script} {' '.join(flags)})", flush=True)
+            matmul = ", ".join(f"{k} {v / 1e12:.3f}" for k, v in result["matmul_peaks"].items())
+            print(f"[{i + 1}/{len(rows)}] {label}: {summary}; matmul around it: {matmul} TFLOP/s  "
+                  f"({script} {' '.join(flags)})", flush=True)
     print()
-    print(format_table(results, peaks))
+    print(format_table(results))
     if args.output_json is not None:
-        args.output_json.write_text(json.dumps({"peaks": peaks, "args": {k: str(v) for k, v in vars(args).items()},
+        args.output_json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                 "results": results}, indent=1))
     return 0
 

@@ -317,19 +317,25 @@ def write_json_atomic(obj: dict, path: Path) -> None:
 
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 2048,
-                         repeats: int = 10) -> float:
-    """FLOP/s of a square `size` x `size` matrix product: the practical peak of this device,
-    for judging model FLOP/s where the peak table has no entry (e.g. a CPU)."""
+                         min_seconds: float = 1.0) -> float:
+    """Sustained FLOP/s of square `size` x `size` matrix products, repeated for at least
+    `min_seconds`: the practical peak of this device, for judging model FLOP/s where the
+    peak table has no entry (e.g. a CPU). Timing a second or more, rather than a burst of
+    a few products, gives the rate the device keeps up over a training step."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
     synchronize(device)
     start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    synchronize(device)
-    return 2 * size**3 * repeats / (time.perf_counter() - start)
+    repeats, elapsed = 0, 0.0
+    while elapsed < min_seconds:
+        for _ in range(5):
+            a @ b
+        synchronize(device)
+        repeats += 5
+        elapsed = time.perf_counter() - start
+    return 2 * size**3 * repeats / elapsed
 
 
 #####################################

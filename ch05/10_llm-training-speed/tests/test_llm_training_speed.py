@@ -174,7 +174,7 @@ def test_ranks_read_disjoint_parts_that_together_are_the_global_batch():
 #####################################
 
 CPU_FLAGS = [[], ["--mask-on-the-fly"], ["--fused-adamw"], ["--bf16"], ["--pure-bf16"], ["--native-ops"], ["--sdpa"],
-             ["--pad-vocab"], ["--no-decay-bias-norm"], ["--grad-accum-steps", "2"],
+             ["--pad-vocab"], ["--no-decay-bias-norm"], ["--keep-grad-buffers"], ["--grad-accum-steps", "2"],
              ["--compile", "--compile-backend", "aot_eager", "--sdpa", "--native-ops"]]
 
 
@@ -205,6 +205,33 @@ def test_cuda_only_flags_are_refused_on_cpu(opt, tmp_path, capsys, flag):
 def test_bad_input_gives_a_clear_error(opt, tmp_path, capsys, bad, message):
     assert opt.main([*TINY_ARGS, "--output-dir", str(tmp_path), *bad]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_keeping_gradient_buffers_changes_no_result(opt, tmp_path):
+    """Zeroing in place instead of freeing: the same sums, so the same losses and weights."""
+    common = [*TINY_ARGS, "--max-steps", "3", "--grad-accum-steps", "2", "--drop-rate", "0.1"]
+    assert opt.main([*common, "--output-dir", str(tmp_path / "freed")]) == 0
+    assert opt.main([*common, "--output-dir", str(tmp_path / "kept"), "--keep-grad-buffers"]) == 0
+    freed, kept = (read_json(tmp_path / d / "losses.json") for d in ("freed", "kept"))
+    assert kept == freed
+    weights = [torch.load(tmp_path / d / "checkpoint.pth", weights_only=True)["model"] for d in ("freed", "kept")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_benchmark_compares_each_row_with_the_matmul_speed_around_it(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(FOLDER / "speed_benchmark.py"), "--device", "cpu", "--model", "tiny",
+         "--context-length", "32", "--batch-size", "2", "--steps", "1", "--warmup-steps", "1", "--only", "2",
+         "--drop-rate", "0", "--text-file", str(VERDICT), "--output-json", str(tmp_path / "bench.json")],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_json(tmp_path / "bench.json")["results"]
+    assert [r["script"] for r in rows] == ["00_orig.py", "01_opt_single_gpu.py"]
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and r["matmul_peaks"]["fp32"] > 0
+        share = r["model_flops_per_s"] / r["matmul_peaks"]["fp32"]
+        assert f"| {r['label']} | {r['tokens_per_s']:,.0f} |" in result.stdout
+        assert f"{share:.0%} of {r['matmul_peaks']['fp32'] / 1e12:.3f} (fp32)" in result.stdout
 
 
 def test_01_resumes_exactly_where_it_stopped(opt, tmp_path):
