@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         device = get_device(args.device)
         if args.steps < 1 or args.warmup_steps < 0 or args.grad_accum_steps < 1:
             raise ValueError("--steps and --grad-accum-steps must be >= 1 and --warmup-steps >= 0.")
+        if not 0 <= args.drop_rate < 1:
+            raise ValueError(f"--drop-rate must be in [0, 1), got {args.drop_rate}.")
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

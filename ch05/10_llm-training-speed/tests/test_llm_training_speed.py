@@ -234,6 +234,13 @@ def test_benchmark_compares_each_row_with_the_matmul_speed_around_it(tmp_path):
         assert f"{share:.0%} of {r['matmul_peaks']['fp32'] / 1e12:.3f} (fp32)" in result.stdout
 
 
+def test_benchmark_refuses_a_bad_drop_rate():
+    result = subprocess.run([sys.executable, str(FOLDER / "speed_benchmark.py"), "--device", "cpu",
+                             "--drop-rate", "1.5"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "--drop-rate must be in [0, 1), got 1.5" in result.stderr
+
+
 def test_01_resumes_exactly_where_it_stopped(opt, tmp_path):
     common = [*TINY_ARGS, "--drop-rate", "0.1", "--eval-freq", "1"]  # dropout: the RNG state must be restored
     assert opt.main([*common, "--max-steps", "4", "--output-dir", str(tmp_path / "straight")]) == 0
