@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -288,168 +289,314 @@ def model_config(args: argparse.Namespace) -> dict:
     return cfg
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    check_args(parser, args)
+class UsageError(ValueError):
+    """A bad setting found while setting up the run: reported as one `error:` line (exit code 2)."""
+
+
+@dataclass
+class Run:
+    """What a training run is made of, fixed once it is set up."""
+
+    args: argparse.Namespace
+    cfg: dict
+    rank: int
+    world_size: int
+    device: torch.device
+    model: GPTModel
+    ddp_model: torch.nn.Module  # the model itself, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    train_stream: TokenStream
+    val_stream: TokenStream
+    n_windows: int  # training windows of context_length + 1 tokens
+    n_val_windows: int  # validation windows per evaluation
+    total_steps: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ctx(self) -> int:
+        return self.cfg["context_length"]
+
+    @property
+    def per_rank(self) -> int:
+        return self.args.batch_size // self.world_size
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.args.output_dir / CHECKPOINT_NAME
+
+    @property
+    def log_path(self) -> Path:
+        return self.args.output_dir / "log.jsonl"
+
+    def say(self, *args, **kwargs) -> None:
+        if self.is_main:
+            print(*args, **kwargs)
+
+
+@dataclass
+class TrainState:
+    """Where the run stands, as saved in the checkpoint.
+
+    `step` is the number of optimizer steps completed so far, which is also the number
+    (counted from 0) of the step to take next. `cursor` counts the windows of the current
+    epoch already used.
+    """
+
+    step: int = 0
+    epoch: int = 0
+    cursor: int = 0
+    tokens_seen: int = 0
+
+
+class WindowSampler:
+    """Which windows each step reads: the epoch's shuffled order, cut into global batches,
+    of which each process reads its own slice."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self._epoch, self._order = None, None
+
+    def windows(self, state: TrainState) -> np.ndarray:
+        if state.epoch != self._epoch:
+            self._epoch = state.epoch
+            self._order = window_order(self.run.n_windows, state.epoch, self.run.args.seed, self.run.args.shuffle)
+        start = state.cursor + self.run.rank * self.run.per_rank
+        return self._order[start:start + self.run.per_rank]
+
+    def advance(self, state: TrainState) -> None:
+        """Count one completed step; start the next epoch when too few windows are left for a batch."""
+        batch_size = self.run.args.batch_size
+        state.step += 1
+        state.tokens_seen += batch_size * self.run.ctx
+        state.cursor += batch_size
+        if state.cursor + batch_size > self.run.n_windows:
+            state.epoch, state.cursor = state.epoch + 1, 0
+
+
+#####################################
+# Set-up and resume
+#####################################
+
+def load_resume_checkpoint(args: argparse.Namespace) -> dict | None:
+    """The checkpoint to continue from (its settings replace the arguments'), or None to start afresh."""
     checkpoint_path = args.output_dir / CHECKPOINT_NAME
-    checkpoint = None
-    if checkpoint_path.is_file():
-        if args.resume:
-            checkpoint = load_checkpoint(checkpoint_path)
-            for name in RUN_SETTINGS:  # the run continues with the settings it started with
-                setattr(args, name, checkpoint["settings"][name])
-        elif not args.overwrite:
-            parser.error(f"{checkpoint_path} exists: pass --resume true to continue it, or --overwrite true "
+    if not checkpoint_path.is_file():
+        return None
+    if not args.resume:
+        if args.overwrite:
+            return None
+        raise UsageError(f"{checkpoint_path} exists: pass --resume true to continue it, or --overwrite true "
                          "to start over, or choose another --output-dir.")
+    checkpoint = load_checkpoint(checkpoint_path)
+    for name in RUN_SETTINGS:  # the run continues with the settings it started with
+        setattr(args, name, checkpoint["settings"][name])
+    return checkpoint
 
-    try:
-        rank, world_size, device = setup_distributed(args.device)
-    except ValueError as err:
-        parser.error(str(err))
-    if args.batch_size % world_size:
-        parser.error(f"--batch-size {args.batch_size} must be divisible by the number of processes ({world_size}).")
-    is_main = rank == 0
-    say = print if is_main else (lambda *a, **k: None)
 
-    cfg = model_config(args)
-    ctx = cfg["context_length"]
+def load_data(args: argparse.Namespace, ctx: int) -> tuple[TokenStream, TokenStream, int, int]:
+    """The two splits, the number of training windows, and the validation windows per evaluation."""
     train_stream = load_split(args.data_dir, "train", args.data_format)
     val_stream = load_split(args.data_dir, "val", args.data_format)
     n_windows = max(0, (len(train_stream) - 1) // ctx)
-    steps_per_epoch = n_windows // args.batch_size
-    if steps_per_epoch == 0:
-        parser.error(f"The training split ({len(train_stream):,} tokens) is too small for one batch of "
-                     f"{args.batch_size} windows of {ctx} tokens: prepare more books or lower --batch-size.")
+    if n_windows // args.batch_size == 0:
+        raise UsageError(f"The training split ({len(train_stream):,} tokens) is too small for one batch of "
+                         f"{args.batch_size} windows of {ctx} tokens: prepare more books or lower --batch-size.")
     n_val_windows = min(max(1, args.eval_tokens // ctx), (len(val_stream) - 1) // ctx)
     if n_val_windows < 1:
-        parser.error(f"The validation split ({len(val_stream):,} tokens) is shorter than one window of {ctx} tokens.")
-    total_steps = args.max_steps or args.num_epochs * steps_per_epoch
+        raise UsageError(f"The validation split ({len(val_stream):,} tokens) is shorter than one window "
+                         f"of {ctx} tokens.")
+    return train_stream, val_stream, n_windows, n_val_windows
+
+
+def set_up(args: argparse.Namespace) -> Run:
+    """Join the process group (under torchrun), load the data, fix the schedule, build the model."""
+    rank, world_size, device = setup_distributed(args.device)
+    if args.batch_size % world_size:
+        raise UsageError(f"--batch-size {args.batch_size} must be divisible by the number of processes "
+                         f"({world_size}).")
+    cfg = model_config(args)
+    train_stream, val_stream, n_windows, n_val_windows = load_data(args, cfg["context_length"])
+    total_steps = args.max_steps or args.num_epochs * (n_windows // args.batch_size)
     if args.warmup_steps is None:
         args.warmup_steps = max(1, total_steps // 20) if total_steps > 1 else 0
-    try:
-        lr_at_step(0, total_steps, args.lr, args.warmup_steps, args.initial_lr, args.min_lr)
-    except ValueError as err:
-        parser.error(str(err))
+    lr_at_step(0, total_steps, args.lr, args.warmup_steps, args.initial_lr, args.min_lr)  # checks the schedule
 
     set_seed(args.seed)
     model = GPTModel(cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    step, epoch, cursor, tokens_seen = 0, 0, 0, 0
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    log_path = args.output_dir / "log.jsonl"
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        step, epoch, cursor, tokens_seen = (checkpoint[k] for k in ("step", "epoch", "cursor", "tokens_seen"))
-        rng = checkpoint["rng"]
-        if len(rng) == world_size:
-            set_rng_states(rng[rank])
-        else:
-            say(f"note: the checkpoint has RNG states of {len(rng)} process(es), this run has {world_size}; "
-                "dropout draws differ from an uninterrupted run.")
-            set_seed(args.seed + step + rank)
-        say(f"Resuming at step {step} of {total_steps} (epoch {epoch}, window {cursor})")
+    ddp_model = model
+    if world_size > 1:
+        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return Run(args, cfg, rank, world_size, device, model, ddp_model, optimizer, train_stream, val_stream,
+               n_windows, n_val_windows, total_steps)
+
+
+def restore(run: Run, checkpoint: dict | None) -> TrainState:
+    """The state to start from: the checkpoint's (weights, optimizer, position, RNG), or a fresh one."""
+    if checkpoint is None:
+        torch.manual_seed(run.args.seed + run.rank)  # each process its own dropout draws
+        return TrainState()
+    run.model.load_state_dict(checkpoint["model"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    state = TrainState(*(checkpoint[k] for k in ("step", "epoch", "cursor", "tokens_seen")))
+    rng = checkpoint["rng"]
+    if len(rng) == run.world_size:
+        set_rng_states(rng[run.rank])
     else:
-        torch.manual_seed(args.seed + rank)  # each process its own dropout draws
-    if is_main:
-        for stale in args.output_dir.glob(f"{CHECKPOINT_NAME}.*.tmp"):
-            stale.unlink()  # left by a process killed while saving
-        kept = read_log(log_path, up_to_step=step - 1) if checkpoint is not None else []
-        log_path.write_text("".join(json.dumps(e) + "\n" for e in kept), encoding="utf-8")
+        run.say(f"note: the checkpoint has RNG states of {len(rng)} process(es), this run has {run.world_size}; "
+                "dropout draws differ from an uninterrupted run.")
+        set_seed(run.args.seed + state.step + run.rank)
+    run.say(f"Resuming at step {state.step} of {run.total_steps} (epoch {state.epoch}, window {state.cursor})")
+    return state
 
-    ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world_size > 1 else model
-    tokenizer = tiktoken.get_encoding("gpt2")
-    per_rank = args.batch_size // world_size
-    order = window_order(n_windows, epoch, args.seed, args.shuffle)
-    stop = StopRequest()
 
-    def save_checkpoint() -> None:
-        rng = [get_rng_states()]
-        if world_size > 1:
-            rng = [None] * world_size
-            dist.all_gather_object(rng, get_rng_states())
-        if is_main:
-            settings = {name: getattr(args, name) for name in RUN_SETTINGS}
-            save_checkpoint_atomic({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
-                "cursor": cursor, "tokens_seen": tokens_seen, "rng": rng, "settings": settings, "config": cfg,
-            }, checkpoint_path)
+def prepare_output(run: Run, state: TrainState, resumed: bool) -> None:
+    """Create the output folder; keep the log lines of the steps the checkpoint holds, drop later ones."""
+    run.args.output_dir.mkdir(parents=True, exist_ok=True)
+    if not run.is_main:
+        return
+    for stale in run.args.output_dir.glob(f"{CHECKPOINT_NAME}.*.tmp"):
+        stale.unlink()  # left by a process killed while saving
+    kept = read_log(run.log_path, up_to_step=state.step - 1) if resumed else []
+    run.log_path.write_text("".join(json.dumps(e) + "\n" for e in kept), encoding="utf-8")
 
+
+#####################################
+# One step, evaluation, saving
+#####################################
+
+def train_step(run: Run, state: TrainState, sampler: WindowSampler) -> tuple[float, float, float]:
+    """Take optimizer step number `state.step`; return (loss averaged over processes, lr, gradient norm)."""
+    args = run.args
+    lr = lr_at_step(state.step, run.total_steps, args.lr, args.warmup_steps, args.initial_lr, args.min_lr)
+    apply_lr(run.optimizer, lr)
+    inputs, targets = get_batch(run.train_stream, sampler.windows(state), run.ctx)
+    run.optimizer.zero_grad(set_to_none=True)
+    logits = run.ddp_model(inputs.to(run.device))
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.to(run.device).flatten())
+    loss.backward()
+    clip = args.max_grad_norm if args.max_grad_norm > 0 and state.step >= args.warmup_steps else None
+    grad_norm = clip_gradients(run.model, clip)
+    run.optimizer.step()
+    return all_reduce_mean(loss.detach(), run.world_size).item(), lr, grad_norm.item()
+
+
+def evaluate_and_report(run: Run, state: TrainState, index: int, train_loss: float, log, bar) -> None:
+    """Measure the validation loss after step `index`; rank 0 logs it, prints a sample and redraws the plot."""
+    val_loss = evaluate(run.model, run.val_stream, run.n_val_windows, run.ctx, run.per_rank, run.rank,
+                        run.world_size, run.device)
+    if not run.is_main:
+        return
+    log.write(json.dumps({"step": index, "tokens_seen": state.tokens_seen, "val_loss": val_loss}) + "\n")
+    log.flush()
+    bar.write(f"step {index}: train loss {train_loss:.3f}, val loss {val_loss:.3f}")
+    generate_and_print_sample(run.model, tiktoken.get_encoding("gpt2"), run.device, run.args.start_context,
+                              print_fn=bar.write)
+    plot_log(read_log(run.log_path), run.args.output_dir / "loss.png")
+
+
+def save_checkpoint(run: Run, state: TrainState) -> None:
+    """Every process contributes its RNG states; rank 0 writes the checkpoint atomically."""
+    rng = [get_rng_states()]
+    if run.world_size > 1:
+        rng = [None] * run.world_size
+        dist.all_gather_object(rng, get_rng_states())
+    if run.is_main:
+        settings = {name: getattr(run.args, name) for name in RUN_SETTINGS}
+        save_checkpoint_atomic({
+            "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "step": state.step,
+            "epoch": state.epoch, "cursor": state.cursor, "tokens_seen": state.tokens_seen, "rng": rng,
+            "settings": settings, "config": run.cfg,
+        }, run.checkpoint_path)
+
+
+def stop_requested(run: Run, stop: StopRequest) -> bool:
+    """Whether Ctrl-C or SIGTERM reached any process: every process must stop after the same step."""
+    flag = torch.tensor([float(stop.requested)], device=run.device)
+    if run.world_size > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() > 0
+
+
+def finish(run: Run, state: TrainState) -> None:
+    """After the last step: the final weights as safetensors and the final plot."""
+    from safetensors.torch import save_file
+
+    save_file(run.model.state_dict(), run.args.output_dir / "model.safetensors")
+    plot_log(read_log(run.log_path), run.args.output_dir / "loss.png")
+    run.say(f"Done: {state.step} steps, {state.tokens_seen:,} tokens. "
+            f"Wrote {run.args.output_dir / 'model.safetensors'}")
+
+
+#####################################
+# The loop
+#####################################
+
+def train(run: Run, state: TrainState) -> int:
+    """Train from `state` until the last step, a stop request or --stop-after; return the exit code."""
     from tqdm.auto import tqdm
-    bar = tqdm(total=total_steps, initial=step, disable=not is_main or args.no_progress, desc="Training")
-    log = open(log_path, "a", encoding="utf-8") if is_main else None
-    steps_this_run, exit_code = 0, 0
-    model.train()
+
+    args, sampler, stop = run.args, WindowSampler(run), StopRequest()
+    bar = tqdm(total=run.total_steps, initial=state.step, disable=not run.is_main or args.no_progress,
+               desc="Training")
+    log = open(run.log_path, "a", encoding="utf-8") if run.is_main else None
+    steps_this_run = 0
+    run.model.train()
     try:
-        while step < total_steps:
-            start = time.perf_counter()
-            lr = lr_at_step(step, total_steps, args.lr, args.warmup_steps, args.initial_lr, args.min_lr)
-            apply_lr(optimizer, lr)
-            windows = order[cursor + rank * per_rank:cursor + (rank + 1) * per_rank]
-            inputs, targets = get_batch(train_stream, windows, ctx)
-            optimizer.zero_grad(set_to_none=True)
-            logits = ddp_model(inputs.to(device))
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten())
-            loss.backward()
-            clip = args.max_grad_norm if args.max_grad_norm > 0 and step >= args.warmup_steps else None
-            grad_norm = clip_gradients(model, clip)
-            optimizer.step()
-
-            step += 1
+        while state.step < run.total_steps:
+            index, started = state.step, time.perf_counter()
+            loss, lr, grad_norm = train_step(run, state, sampler)
+            sampler.advance(state)
             steps_this_run += 1
-            tokens_seen += args.batch_size * ctx
-            cursor += args.batch_size
-            if cursor + args.batch_size > n_windows:  # the epoch is over: reshuffle
-                epoch, cursor = epoch + 1, 0
-                order = window_order(n_windows, epoch, args.seed, args.shuffle)
-            mean_loss = all_reduce_mean(loss.detach(), world_size).item()
-            elapsed = time.perf_counter() - start
-            entry = {"step": step - 1, "epoch": epoch, "loss": mean_loss, "lr": lr, "grad_norm": grad_norm.item(),
-                     "tokens_seen": tokens_seen, "tokens_per_s": round(args.batch_size * ctx / elapsed, 1)}
-            if is_main:
-                log.write(json.dumps(entry) + "\n")
+            if run.is_main:
+                log.write(json.dumps({
+                    "step": index, "epoch": state.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                    "tokens_seen": state.tokens_seen,
+                    "tokens_per_s": round(args.batch_size * run.ctx / (time.perf_counter() - started), 1)}) + "\n")
                 bar.update(1)
-                bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}")
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
+            if index % args.eval_freq == 0 or state.step == run.total_steps:
+                evaluate_and_report(run, state, index, loss, log, bar)
 
-            if (step - 1) % args.eval_freq == 0 or step == total_steps:
-                val_loss = evaluate(model, val_stream, n_val_windows, ctx, per_rank, rank, world_size, device)
-                if is_main:
-                    log.write(json.dumps({"step": step - 1, "tokens_seen": tokens_seen, "val_loss": val_loss}) + "\n")
+            interrupted = stop_requested(run, stop)
+            paused = bool(args.stop_after) and steps_this_run >= args.stop_after
+            if (interrupted or paused or (args.checkpoint_every and state.step % args.checkpoint_every == 0)
+                    or state.step == run.total_steps):
+                if log is not None:
                     log.flush()
-                    bar.write(f"step {step - 1}: train loss {mean_loss:.3f}, val loss {val_loss:.3f}")
-                    generate_and_print_sample(model, tokenizer, device, args.start_context, print_fn=bar.write)
-                    plot_log(read_log(log_path), args.output_dir / "loss.png")
-
-            stop_flag = torch.tensor([float(stop.requested)], device=device)
-            if world_size > 1:  # every process must stop after the same step
-                dist.all_reduce(stop_flag, op=dist.ReduceOp.MAX)
-            interrupted = stop_flag.item() > 0
-            if (interrupted or (args.stop_after and steps_this_run >= args.stop_after)
-                    or (args.checkpoint_every and step % args.checkpoint_every == 0) or step == total_steps):
-                if is_main:
-                    log.flush()
-                save_checkpoint()
+                save_checkpoint(run, state)
             if interrupted:
-                say(f"\nInterrupted: saved step {step} to {checkpoint_path}; continue with --resume true.")
-                exit_code = 130
-                break
-            if args.stop_after and steps_this_run >= args.stop_after and step < total_steps:
-                say(f"Stopped after {steps_this_run} steps: saved step {step}; continue with --resume true.")
-                break
+                run.say(f"\nInterrupted: saved step {state.step} to {run.checkpoint_path}; "
+                        "continue with --resume true.")
+                return 130
+            if paused and state.step < run.total_steps:
+                run.say(f"Stopped after {steps_this_run} steps: saved step {state.step}; continue with --resume true.")
+                return 0
     finally:
         bar.close()
         if log is not None:
             log.close()
+    return 0
 
-    if is_main and step == total_steps:
-        from safetensors.torch import save_file
 
-        save_file(model.state_dict(), args.output_dir / "model.safetensors")
-        plot_log(read_log(log_path), args.output_dir / "loss.png")
-        say(f"Done: {step} steps, {tokens_seen:,} tokens. Wrote {args.output_dir / 'model.safetensors'}")
-    if world_size > 1:
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    try:
+        checkpoint = load_resume_checkpoint(args)
+        run = set_up(args)
+    except ValueError as err:  # a UsageError, or a bad device or learning-rate schedule
+        parser.error(str(err))
+    state = restore(run, checkpoint)
+    prepare_output(run, state, resumed=checkpoint is not None)
+    exit_code = train(run, state)
+    if run.is_main and state.step == run.total_steps:
+        finish(run, state)
+    if run.world_size > 1:
         dist.destroy_process_group()
     return exit_code
 
