@@ -26,7 +26,7 @@ from llama3 import (
     HF_OTHER_NAMES,
     LLAMA32_CONFIG_1B,
     Llama3Model,
-    count_parameters,
+    count_unique_parameters,
     generate,
     hf_to_our_name,
 )
@@ -82,7 +82,7 @@ def benchmark_generation(args: argparse.Namespace, device: torch.device) -> None
         model = Llama3Model(cfg).to(device).eval()
     prompt = torch.randint(0, cfg["vocab_size"], (1, args.prompt_len), device=device)
     print(f"Hardware: {hardware(device)}")
-    print(f"Model: {args.size} ({count_parameters(model) / 1e6:.0f}M parameters, {args.dtype}), "
+    print(f"Model: {args.size} ({count_unique_parameters(model) / 1e6:.0f}M parameters, {args.dtype}), "
           f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, best of {args.repeats}\n")
 
     variants = [("no KV cache, manual attention (chapter 4)", False, "manual", False),
@@ -135,7 +135,7 @@ def _load_and_report(mode: str, path: str, cfg: dict, queue) -> None:
         model.load_state_dict(state, strict=False)
     else:
         model = load_llama_from_safetensors(cfg, [path])
-    queue.put((peak_rss_bytes() - before, count_parameters(model)))
+    queue.put((peak_rss_bytes() - before, count_unique_parameters(model)))
 
 
 def benchmark_loading(args: argparse.Namespace) -> None:
@@ -145,9 +145,9 @@ def benchmark_loading(args: argparse.Namespace) -> None:
     cfg = {**SIZES[args.size], "dtype": getattr(torch, args.dtype), "context_length": 256}
     torch.manual_seed(0)
     model = Llama3Model(cfg)  # the checkpoint to load
-    weights_mb = count_parameters(model) * model.tok_emb.weight.element_size() / 2**20
+    weights_mb = count_unique_parameters(model) * model.tok_emb.weight.element_size() / 2**20
     print(f"Hardware: {hardware(torch.device('cpu'))}")
-    print(f"Checkpoint: {args.size}, {count_parameters(model) / 1e6:.0f}M parameters = {weights_mb:.0f} MiB "
+    print(f"Checkpoint: {args.size}, {count_unique_parameters(model) / 1e6:.0f}M parameters = {weights_mb:.0f} MiB "
           f"in {args.dtype}")
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "model.safetensors")

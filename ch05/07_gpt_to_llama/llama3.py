@@ -1,19 +1,25 @@
-"""Meta's Llama 3.2 (and Llama 3, 3.1 and 2) in one self-contained file.
+"""Meta's Llama 3.2 (and Llama 3, 3.1 and 2) in one importable file.
 
 The model is the chapter's GPT with the changes that `converting-gpt-to-llama2.ipynb`
 and `converting-llama2-to-llama3.ipynb` walk through: RMSNorm instead of LayerNorm, a
 gated SiLU feed-forward (SwiGLU), rotary position embeddings (RoPE, with Llama 3.1's
-frequency scaling), grouped-query attention, no biases and no dropout. On top of that
-it adds what running a real 1B/3B model needs:
+frequency scaling), grouped-query attention, no biases and no dropout.
+`standalone-llama32.ipynb` writes the same model in its own cells; a test checks that
+the notebook's definitions and this file compute the same.
 
-* a key-value cache, so each new token costs one position instead of the whole text;
-* bfloat16 weights (half the memory of float32) via the config's "dtype";
-* `torch.nn.functional.scaled_dot_product_attention`, which picks FlashAttention or
-  other fused kernels where the hardware has them;
+The book's names and signatures work here as in the book (`Llama3Model`,
+`GroupedQueryAttention(d_in, d_out, num_heads, num_kv_groups, dtype=None)` with
+`forward(x, mask, cos, sin)`, `compute_rope_params`, `apply_rope`, `Tokenizer`,
+`ChatFormat`, `load_weights_into_llama(model, param_config, params)`, `generate`,
+`clean_text`, ...). What this file adds sits beside them as keyword-only options:
+
+* a key-value cache (`generate(..., use_cache=True)`), so each new token costs one
+  position instead of re-reading the whole text;
+* `torch.nn.functional.scaled_dot_product_attention` (`Llama3ModelFast`, or the config
+  key "attn_impl"), which picks FlashAttention or other fused kernels where it can;
 * loading Hugging Face safetensors tensor by tensor into a model built on the "meta"
-  device, so peak memory stays near one copy of the weights;
-* the tiktoken-based Llama 3 tokenizer and its chat format (and, for Llama 2, the
-  sentencepiece tokenizer and its `[INST]` format).
+  device (`load_llama_checkpoint`), so peak memory stays near one copy of the weights,
+  with one clear error for a missing, truncated or foreign file.
 
 Llama 2 is the special case n_kv_groups == n_heads, rope_base 10,000, no RoPE scaling.
 Only torch (plus tiktoken / sentencepiece for the tokenizers and huggingface_hub for
@@ -25,11 +31,14 @@ import base64
 import json
 import math
 import os
+import re
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from previous_chapters import generate as chapter_generate
 
 LLAMA2_CONFIG_7B = {
     "vocab_size": 32_000,        # sentencepiece vocabulary
@@ -87,20 +96,36 @@ LLAMA32_CONFIG_1B = {
 LLAMA32_CONFIG_3B = {**LLAMA32_CONFIG_1B, "emb_dim": 3072, "n_heads": 24, "n_layers": 28}
 
 CONFIG_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "hidden_dim", "n_kv_groups",
-               "rope_base", "rope_freq", "rms_norm_eps", "tie_embeddings", "dtype")
+               "rope_base", "rope_freq", "dtype")
+# Keys the book's configs do not have, with the values the book's code uses: RMSNorm's
+# eps of 1e-5, an output head of its own (tied only when a checkpoint has none), and
+# attention written out by hand.
+CONFIG_DEFAULTS = {"rms_norm_eps": 1e-5, "tie_embeddings": False, "attn_impl": "manual"}
+ROPE_FREQ_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_context_length")
 
 
-def check_config(cfg: dict) -> None:
-    """Fail early, with a readable message, on a config the model cannot be built from."""
+def check_config(cfg: dict) -> dict:
+    """The config with the book's defaults filled in; a config the model cannot be built from fails here,
+    naming the key, instead of deep inside a layer."""
     missing = [key for key in CONFIG_KEYS if key not in cfg]
     if missing:
         raise ValueError(f"Config lacks {missing}; start from a full config such as LLAMA32_CONFIG_1B.")
+    cfg = {**CONFIG_DEFAULTS, **cfg}
+    for key in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "hidden_dim", "n_kv_groups"):
+        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise ValueError(f"Config key {key!r} must be a positive integer, got {cfg[key]!r}.")
     if cfg["emb_dim"] % cfg["n_heads"]:
         raise ValueError(f"emb_dim ({cfg['emb_dim']}) must be divisible by n_heads ({cfg['n_heads']}).")
     if (cfg["emb_dim"] // cfg["n_heads"]) % 2:
         raise ValueError("emb_dim / n_heads must be even: RoPE rotates pairs of features.")
     if cfg["n_heads"] % cfg["n_kv_groups"]:
         raise ValueError(f"n_heads ({cfg['n_heads']}) must be divisible by n_kv_groups ({cfg['n_kv_groups']}).")
+    if cfg["rope_freq"] is not None and sorted(cfg["rope_freq"]) != sorted(ROPE_FREQ_KEYS):
+        raise ValueError(f"rope_freq must be None or a dict with exactly the keys {list(ROPE_FREQ_KEYS)}, "
+                         f"got {sorted(cfg['rope_freq'])}.")
+    if cfg["attn_impl"] not in ("manual", "sdpa"):
+        raise ValueError(f"attn_impl must be 'manual' or 'sdpa', got {cfg['attn_impl']!r}.")
+    return cfg
 
 
 #####################################
@@ -115,45 +140,51 @@ def scale_rope_frequencies(inv_freq: torch.Tensor, factor: float, low_freq_facto
     original context has been seen through many turns in training: it is kept. One whose
     wavelength exceeds the original context never completed a turn: it is divided by
     `factor`, so positions up to factor x longer map onto angles seen in training. In
-    between, the two are blended linearly in (context / wavelength).
+    between, the two are blended linearly in (context / wavelength); the clamp turns the
+    blend weight into 0 or 1 outside that band, which gives the book's three cases.
     """
     wavelength = 2 * math.pi / inv_freq
     turns = original_context_length / wavelength  # full turns within the original context
     blend = ((turns - low_freq_factor) / (high_freq_factor - low_freq_factor)).clamp(0.0, 1.0)
-    return blend * inv_freq + (1 - blend) * inv_freq / factor
+    return (1 - blend) * (inv_freq / factor) + blend * inv_freq
 
 
-def compute_rope_params(head_dim: int, theta_base: float = 10_000.0, context_length: int = 4096,
-                        freq_config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def compute_rope_params(head_dim: int, theta_base: float = 10_000, context_length: int = 4096,
+                        freq_config: dict | None = None,
+                        dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of every (position, feature) rotation angle, shape (context_length, head_dim).
 
     Feature pair i (features i and i + head_dim/2) turns by theta_base^(-2i/head_dim)
-    radians per position. The tables live on the CPU even inside a `torch.device("meta")`
-    block, so a model built there for weight loading still has real tables.
+    radians per position. `dtype` is the dtype the positions are counted in, as in the
+    book (the tables themselves are float32). They live on the CPU even inside a
+    `torch.device("meta")` block, so a model built there for weight loading still has
+    real tables.
     """
     if head_dim % 2:
         raise ValueError(f"head_dim must be even, got {head_dim}")
     cpu = torch.device("cpu")
-    inv_freq = 1.0 / theta_base ** (torch.arange(0, head_dim, 2, device=cpu, dtype=torch.float32) / head_dim)
+    inv_freq = 1.0 / (theta_base ** (torch.arange(0, head_dim, 2, dtype=dtype, device=cpu).float() / head_dim))
     if freq_config is not None:
         inv_freq = scale_rope_frequencies(inv_freq, **freq_config)
-    positions = torch.arange(context_length, device=cpu, dtype=torch.float32)
+    positions = torch.arange(context_length, dtype=dtype, device=cpu)
     angles = positions[:, None] * inv_freq[None, :]  # (context_length, head_dim // 2)
     angles = torch.cat([angles, angles], dim=1)      # the same angle for both halves of a pair
     return torch.cos(angles), torch.sin(angles)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, start_pos: int = 0) -> torch.Tensor:
     """Rotate each (x[i], x[i + head_dim/2]) pair of x (batch, heads, tokens, head_dim) by its angle.
 
-    Hugging Face's checkpoints pair feature i with i + head_dim/2 ("rotate half"); Meta's
-    original checkpoints pair neighbours, and Hugging Face permuted the q/k weights to match.
+    The tokens are at positions start_pos, start_pos + 1, ... (start_pos > 0 with a KV
+    cache). The rotation is computed in float32 and cast back, as in the book. Hugging
+    Face's checkpoints pair feature i with i + head_dim/2 ("rotate half"); Meta's original
+    checkpoints pair neighbours (see `permute`).
     """
     num_tokens, half = x.shape[2], x.shape[3] // 2
-    cos = cos[start_pos:start_pos + num_tokens].to(x.dtype)
-    sin = sin[start_pos:start_pos + num_tokens].to(x.dtype)
+    cos = cos[start_pos:start_pos + num_tokens]
+    sin = sin[start_pos:start_pos + num_tokens]
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    return (x * cos + rotated * sin).to(dtype=x.dtype)
 
 
 #####################################
@@ -164,7 +195,8 @@ class RMSNorm(nn.Module):
     """Scale each token's features to unit root-mean-square, then by a learned weight.
 
     Unlike LayerNorm there is no mean subtraction and no shift: cheaper, and it works as
-    well. The statistics are computed in float32 even for bfloat16 inputs.
+    well. The statistics are computed in float32 even for bfloat16 inputs (as Hugging
+    Face's LlamaRMSNorm does), since squares of small bfloat16 numbers lose precision.
     """
 
     def __init__(self, emb_dim: int, eps: float = 1e-5, dtype: torch.dtype | None = None):
@@ -183,9 +215,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, cfg: dict):
         super().__init__()
-        self.fc1 = nn.Linear(cfg["emb_dim"], cfg["hidden_dim"], bias=False, dtype=cfg["dtype"])
-        self.fc2 = nn.Linear(cfg["emb_dim"], cfg["hidden_dim"], bias=False, dtype=cfg["dtype"])
-        self.fc3 = nn.Linear(cfg["hidden_dim"], cfg["emb_dim"], bias=False, dtype=cfg["dtype"])
+        self.fc1 = nn.Linear(cfg["emb_dim"], cfg["hidden_dim"], dtype=cfg["dtype"], bias=False)
+        self.fc2 = nn.Linear(cfg["emb_dim"], cfg["hidden_dim"], dtype=cfg["dtype"], bias=False)
+        self.fc3 = nn.Linear(cfg["hidden_dim"], cfg["emb_dim"], dtype=cfg["dtype"], bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc3(F.silu(self.fc1(x)) * self.fc2(x))
@@ -220,74 +252,81 @@ class KVCache:
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
 
+def causal_mask(num_queries: int, num_keys: int, start_pos: int, device: torch.device) -> torch.Tensor:
+    """The book's mask: True where query i (at position start_pos + i) must not see key j (j > start_pos + i)."""
+    return torch.triu(torch.ones(num_queries, num_keys, dtype=torch.bool, device=device), diagonal=start_pos + 1)
+
+
+def attention_manual(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(QK^T / sqrt(d)) V written out, as in chapter 3 (the benchmark's baseline)."""
+    scores = queries @ keys.transpose(2, 3) / keys.shape[-1] ** 0.5
+    if mask is not None:
+        scores = scores.masked_fill(mask, -torch.inf)
+    return torch.softmax(scores.float(), dim=-1).to(values.dtype) @ values
+
+
 class GroupedQueryAttention(nn.Module):
     """Causal self-attention in which groups of query heads share one key/value head.
 
     With `num_kv_groups` key-value heads instead of `num_heads`, the key/value
     projections and the KV cache shrink by num_heads / num_kv_groups. With
     num_kv_groups == num_heads it is ordinary multi-head attention (Llama 2).
+    `attn_impl="sdpa"` uses PyTorch's fused scaled_dot_product_attention instead of
+    the written-out softmax (same result up to rounding).
     """
 
-    def __init__(self, d_in: int, num_heads: int, num_kv_groups: int, dtype: torch.dtype | None = None,
-                 attn_impl: str = "sdpa"):
+    def __init__(self, d_in: int, d_out: int, num_heads: int, num_kv_groups: int, dtype: torch.dtype | None = None,
+                 *, attn_impl: str = "manual"):
         super().__init__()
-        if d_in % num_heads or num_heads % num_kv_groups:
-            raise ValueError(f"need d_in % num_heads == 0 and num_heads % num_kv_groups == 0, got "
-                             f"d_in={d_in}, num_heads={num_heads}, num_kv_groups={num_kv_groups}")
+        if d_out % num_heads or num_heads % num_kv_groups:
+            raise ValueError(f"need d_out % num_heads == 0 and num_heads % num_kv_groups == 0, got "
+                             f"d_out={d_out}, num_heads={num_heads}, num_kv_groups={num_kv_groups}")
         if attn_impl not in ("sdpa", "manual"):
             raise ValueError(f"attn_impl must be 'sdpa' or 'manual', got {attn_impl!r}")
+        self.d_out = d_out
         self.num_heads = num_heads
+        self.head_dim = d_out // num_heads
         self.num_kv_groups = num_kv_groups
-        self.head_dim = d_in // num_heads
+        self.group_size = num_heads // num_kv_groups
         self.attn_impl = attn_impl
-        self.W_query = nn.Linear(d_in, d_in, bias=False, dtype=dtype)
         self.W_key = nn.Linear(d_in, num_kv_groups * self.head_dim, bias=False, dtype=dtype)
         self.W_value = nn.Linear(d_in, num_kv_groups * self.head_dim, bias=False, dtype=dtype)
-        self.out_proj = nn.Linear(d_in, d_in, bias=False, dtype=dtype)
+        self.W_query = nn.Linear(d_in, d_out, bias=False, dtype=dtype)
+        self.out_proj = nn.Linear(d_out, d_out, bias=False, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None = None,
-                layer: int = 0) -> torch.Tensor:
-        b, num_tokens, d = x.shape
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cos: torch.Tensor | None = None,
+                sin: torch.Tensor | None = None, *, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        """`mask` is the book's boolean mask (True = may not attend); None means causal. Without
+        cos/sin no rotation is applied. With `kv_cache`, `x` holds only the new positions."""
+        b, num_tokens, _ = x.shape
         start_pos = kv_cache.pos if kv_cache is not None else 0
         queries = self.W_query(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
         keys = self.W_key(x).view(b, num_tokens, self.num_kv_groups, self.head_dim).transpose(1, 2)
         values = self.W_value(x).view(b, num_tokens, self.num_kv_groups, self.head_dim).transpose(1, 2)
-
-        queries = apply_rope(queries, cos, sin, start_pos)
-        keys = apply_rope(keys, cos, sin, start_pos)
+        if cos is not None:
+            queries = apply_rope(queries, cos, sin, start_pos=start_pos)
+            keys = apply_rope(keys, cos, sin, start_pos=start_pos)
         if kv_cache is not None:
             keys, values = kv_cache.update(layer, keys, values)
 
-        # Each key/value head serves num_heads / num_kv_groups consecutive query heads.
-        group_size = self.num_heads // self.num_kv_groups
-        keys = keys.repeat_interleave(group_size, dim=1)
-        values = values.repeat_interleave(group_size, dim=1)
+        # Each key/value head serves group_size consecutive query heads: [K1, K2] -> [K1, K1, K2, K2].
+        keys = keys.repeat_interleave(self.group_size, dim=1)
+        values = values.repeat_interleave(self.group_size, dim=1)
 
-        # A query at position p may look at keys 0..p. Only a multi-token chunk after
-        # cached positions needs an explicit mask: one token sees everything cached, and a
-        # chunk starting at 0 is the plain causal triangle.
-        mask = None
-        if num_tokens > 1 and start_pos > 0:
-            q_pos = torch.arange(start_pos, start_pos + num_tokens, device=x.device)
-            mask = torch.arange(keys.shape[2], device=x.device)[None, :] <= q_pos[:, None]
-        is_causal = num_tokens > 1 and start_pos == 0
+        # One new token may see everything cached; a chunk starting at 0 is the plain causal
+        # triangle (SDPA has a fast path for it); a chunk after cached positions needs the offset.
+        is_causal = mask is None and num_tokens > 1 and start_pos == 0
+        if mask is None and num_tokens > 1 and start_pos > 0:
+            mask = causal_mask(num_tokens, keys.shape[2], start_pos, x.device)
         if self.attn_impl == "sdpa":
-            context = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, is_causal=is_causal)
+            context = F.scaled_dot_product_attention(queries, keys, values,
+                                                     attn_mask=None if mask is None else ~mask, is_causal=is_causal)
         else:
-            context = attention_manual(queries, keys, values, mask, is_causal)
-        return self.out_proj(context.transpose(1, 2).reshape(b, num_tokens, d))
-
-
-def attention_manual(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
-                     is_causal: bool) -> torch.Tensor:
-    """softmax(QK^T / sqrt(d)) V written out, as in chapter 3 (the benchmark's baseline)."""
-    scores = queries @ keys.transpose(2, 3) / queries.shape[-1] ** 0.5
-    if is_causal:
-        n_q, n_k = scores.shape[-2:]
-        mask = torch.ones(n_q, n_k, dtype=torch.bool, device=scores.device).tril()
-    if mask is not None:
-        scores = scores.masked_fill(~mask, -torch.inf)
-    return torch.softmax(scores.float(), dim=-1).to(values.dtype) @ values
+            if is_causal:
+                mask = causal_mask(num_tokens, num_tokens, 0, x.device)
+            context = attention_manual(queries, keys, values, mask)
+        return self.out_proj(context.transpose(1, 2).reshape(b, num_tokens, self.d_out))
 
 
 class TransformerBlock(nn.Module):
@@ -295,30 +334,33 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, cfg: dict):
         super().__init__()
-        self.att = GroupedQueryAttention(cfg["emb_dim"], cfg["n_heads"], cfg["n_kv_groups"], dtype=cfg["dtype"],
-                                         attn_impl=cfg.get("attn_impl", "sdpa"))
+        cfg = check_config(cfg)
+        self.att = GroupedQueryAttention(cfg["emb_dim"], cfg["emb_dim"], cfg["n_heads"], cfg["n_kv_groups"],
+                                         dtype=cfg["dtype"], attn_impl=cfg["attn_impl"])
         self.ff = FeedForward(cfg)
         self.norm1 = RMSNorm(cfg["emb_dim"], eps=cfg["rms_norm_eps"], dtype=cfg["dtype"])
         self.norm2 = RMSNorm(cfg["emb_dim"], eps=cfg["rms_norm_eps"], dtype=cfg["dtype"])
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None = None,
-                layer: int = 0) -> torch.Tensor:
-        x = x + self.att(self.norm1(x), cos, sin, kv_cache, layer)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cos: torch.Tensor | None = None,
+                sin: torch.Tensor | None = None, *, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.att(self.norm1(x), mask, cos, sin, kv_cache=kv_cache, layer=layer)
         return x + self.ff(self.norm2(x))
 
 
 class Llama3Model(nn.Module):
     """Token embedding, `n_layers` blocks, a final RMSNorm and the output head.
 
-    No position embedding layer: positions enter through RoPE inside attention. With
+    No position embedding layer: positions enter through RoPE inside attention; the
+    cos/sin tables are computed once here and handed to every block. With
     `tie_embeddings` the output head *is* the embedding matrix (one Parameter, stored
-    once), as in Llama 3.2 1B/3B.
+    once), as in Llama 3.2 1B/3B; without it the head is tied only when loaded from a
+    checkpoint that has no head of its own (`load_weights_into_llama`), as in the book.
     """
 
     def __init__(self, cfg: dict):
         super().__init__()
-        check_config(cfg)
-        self.cfg = dict(cfg)
+        cfg = check_config(cfg)
+        self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"], dtype=cfg["dtype"])
         self.trf_blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg["n_layers"]))
         self.final_norm = RMSNorm(cfg["emb_dim"], eps=cfg["rms_norm_eps"], dtype=cfg["dtype"])
@@ -330,7 +372,7 @@ class Llama3Model(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, in_idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, in_idx: torch.Tensor, *, kv_cache: KVCache | None = None) -> torch.Tensor:
         """Logits (batch, tokens, vocab). With `kv_cache`, `in_idx` holds only the new tokens."""
         start_pos = kv_cache.pos if kv_cache is not None else 0
         if start_pos + in_idx.shape[1] > self.cfg["context_length"]:
@@ -338,70 +380,86 @@ class Llama3Model(nn.Module):
                              f"{self.cfg['context_length']}; shorten the input or raise context_length.")
         x = self.tok_emb(in_idx)
         for layer, block in enumerate(self.trf_blocks):
-            x = block(x, self.cos, self.sin, kv_cache, layer)
+            x = block(x, None, self.cos, self.sin, kv_cache=kv_cache, layer=layer)  # mask None: causal
         if kv_cache is not None:
             kv_cache.pos += in_idx.shape[1]
-        return self.out_head(self.final_norm(x))
+        return self.out_head(self.final_norm(x).to(self.out_head.weight.dtype))
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Parameters stored, counting a tied embedding/output matrix once."""
-    return sum(p.numel() for p in model.parameters())  # .parameters() yields a shared Parameter once
+class Llama3ModelFast(Llama3Model):
+    """`Llama3Model` with PyTorch's scaled_dot_product_attention in every block (FlashAttention on
+    GPUs that have it): the same weights, names and outputs up to rounding, less time and memory."""
+
+    def __init__(self, cfg: dict):
+        super().__init__({**cfg, "attn_impl": "sdpa"})
+
+
+def count_unique_parameters(model: nn.Module) -> int:
+    """Parameters stored in memory: a tensor shared by two modules (tied embeddings) counts once.
+
+    Shared storage is recognised by its address, as in the book; on the "meta" device,
+    where every tensor reports address 0, by the Parameter object instead.
+    """
+    seen, total = set(), 0
+    for param in model.parameters():
+        key = id(param) if param.is_meta else param.data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += param.numel()
+    return total
+
+
+def calc_model_memory_size(model: nn.Module, input_dtype: torch.dtype = torch.float32) -> float:
+    """The book's estimate in GB (2**30 bytes) for training: parameters, their gradients and the buffers,
+    all stored in `input_dtype`. Works on a model built on the "meta" device."""
+    total_params = sum(p.numel() for p in model.parameters())
+    total_grads = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total_buffers = sum(b.numel() for b in model.buffers())
+    element_size = torch.tensor(0, dtype=input_dtype).element_size()
+    return (total_params + total_grads + total_buffers) * element_size / 1024**3
 
 
 #####################################
 # Generation
 #####################################
 
-def _next_token(logits: torch.Tensor, temperature: float, top_k: int | None,
-                generator: torch.Generator | None) -> torch.Tensor:
-    if top_k is not None:
-        kth_largest = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth_largest, -torch.inf)
-    if temperature > 0.0:
-        probs = torch.softmax(logits.float() / temperature, dim=-1)
-        return torch.multinomial(probs, num_samples=1, generator=generator)
-    return torch.argmax(logits, dim=-1, keepdim=True)
+class CachedStepper:
+    """Makes the book's `generate` loop use a KV cache, without a second copy of that loop.
 
-
-@torch.no_grad()
-def generate(model: Llama3Model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-             top_k: int | None = None, eos_id: int | None = None, use_cache: bool = True,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-    """Extend each row of `idx` (batch, n_tokens) by up to `max_new_tokens` tokens.
-
-    Same rules as the chapter's `generate` (temperature 0 = greedy, optional top-k,
-    rows that produced `eos_id` are padded with it). With `use_cache` the prompt is run
-    once and every later step feeds only the newest token; without it, every step
-    re-reads the whole text (cropped to the context length), as in chapter 4.
+    `generate` calls `model(idx[:, -context_size:])` once per new token and reads the
+    last position's logits. This callable remembers which tokens the cache already holds
+    and runs the model on the new ones only. Once the text outgrows the context window,
+    the window slides and the cache no longer matches it, so from then on it re-reads
+    the window, exactly as `generate` does without a cache.
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    context_length = model.cfg["context_length"]
-    kv_cache = None
+
+    def __init__(self, model: Llama3Model, batch_size: int, max_len: int, device: torch.device):
+        self.model = model
+        self.cache = KVCache(model.cfg, batch_size, max_len, device=device, dtype=model.tok_emb.weight.dtype)
+        self.window_slid = False
+
+    def __call__(self, idx_cond: torch.Tensor) -> torch.Tensor:
+        n_new = idx_cond.shape[1] - self.cache.pos
+        if self.window_slid or n_new < 1 or self.cache.pos + n_new > self.cache.max_len:
+            self.window_slid = True
+            return self.model(idx_cond)
+        return self.model(idx_cond[:, self.cache.pos:], kv_cache=self.cache)
+
+
+def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_size: int,
+             temperature: float = 0.0, top_k: int | None = None, eos_id: int | None = None, *,
+             use_cache: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The book's `generate` (previous_chapters.generate): temperature 0 is greedy, `top_k` keeps the k
+    most likely tokens, generation stops before appending `eos_id`.
+
+    `use_cache=True` (a `Llama3Model` only) runs the prompt once and then feeds one token
+    per step through a KV cache: the same tokens, much less work for long texts.
+    """
     if use_cache:
-        max_len = min(idx.shape[1] + max_new_tokens, context_length)
-        if idx.shape[1] >= max_len and max_new_tokens > 0:
-            raise ValueError(f"The prompt ({idx.shape[1]} tokens) leaves no room in the context length "
-                             f"{context_length}; shorten it.")
-        kv_cache = KVCache(model.cfg, idx.shape[0], max_len, device=idx.device, dtype=model.tok_emb.weight.dtype)
-    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-    new_input = idx
-    for _ in range(max_new_tokens):
-        if kv_cache is not None and kv_cache.pos >= kv_cache.max_len:
-            break  # the context is full
-        logits = model(new_input if use_cache else idx[:, -context_length:], kv_cache)[:, -1, :]
-        idx_next = _next_token(logits, temperature, top_k, generator)
-        if eos_id is not None:
-            idx_next = idx_next.masked_fill(finished.unsqueeze(1), eos_id)
-            finished |= idx_next.squeeze(1) == eos_id
-        idx = torch.cat((idx, idx_next), dim=1)
-        new_input = idx_next
-        if eos_id is not None and finished.all():
-            break
-    return idx
+        max_len = min(idx.shape[1] + max_new_tokens, context_size, model.cfg["context_length"])
+        model = CachedStepper(model, idx.shape[0], max_len, idx.device)
+    return chapter_generate(model, idx, max_new_tokens, context_size, temperature, top_k, eos_id,
+                            generator=generator)
 
 
 #####################################
@@ -423,7 +481,12 @@ LLAMA3_SPECIAL_TOKENS = [
 
 
 def read_tiktoken_ranks(path: str | Path) -> dict[bytes, int]:
-    """Read a tiktoken BPE file: one `base64(token) rank` pair per line (Meta's tokenizer.model)."""
+    """Read a tiktoken BPE file: one `base64(token) rank` pair per line (Meta's tokenizer.model).
+
+    Read directly rather than with tiktoken's `load_tiktoken_bpe`, which caches files
+    under a key made from their *path*: a different file later saved at the same path
+    would silently get the old ranks.
+    """
     ranks = {}
     path = Path(path)
     if not path.is_file():
@@ -437,92 +500,130 @@ def read_tiktoken_ranks(path: str | Path) -> dict[bytes, int]:
             ranks[base64.b64decode(token, validate=True)] = int(rank)
         except ValueError:
             raise ValueError(f"{path}:{line_no} is not a tiktoken 'base64 rank' line; is this a Llama 3 "
-                             "tokenizer.model (Llama 2's is a sentencepiece file: use Llama2Tokenizer)?") from None
+                             "tokenizer.model (Llama 2's is a sentencepiece file: use LlamaTokenizer)?") from None
+    if not ranks:
+        raise ValueError(f"{path} is empty; download the tokenizer again.")
     return ranks
 
 
 class Llama3Tokenizer:
-    """Llama 3's tokenizer: tiktoken BPE over 128,000 ranks plus 256 special tokens after them."""
+    """Llama 3's tokenizer (the book's `Tokenizer`): tiktoken BPE over the ranks of Meta's
+    tokenizer.model, plus 256 special tokens numbered after them (128,000-128,255).
+
+    `special` maps the special tokens' names to their ids. As with the book's, `encode`
+    refuses text that contains a special token's string (tiktoken raises ValueError);
+    pass `disallowed_special=()` to encode such text as plain text, or list the tokens
+    in `allowed_special` to turn them into the special ids.
+    """
 
     def __init__(self, model_path: str | Path):
         import tiktoken
 
         ranks = read_tiktoken_ranks(model_path)
-        self.special_tokens = {name: len(ranks) + i for i, name in enumerate(LLAMA3_SPECIAL_TOKENS)}
+        self.special = {name: len(ranks) + i for i, name in enumerate(LLAMA3_SPECIAL_TOKENS)}
         self.model = tiktoken.Encoding(name=Path(model_path).name, pat_str=LLAMA3_SPLIT_PATTERN,
-                                       mergeable_ranks=ranks, special_tokens=self.special_tokens)
-        self.bos_id = self.special_tokens["<|begin_of_text|>"]
-        self.eos_id = self.special_tokens["<|end_of_text|>"]
-        self.eot_id = self.special_tokens["<|eot_id|>"]
+                                       mergeable_ranks=ranks, special_tokens=self.special)
+        self.bos_id = self.special["<|begin_of_text|>"]
+        self.eos_id = self.special["<|end_of_text|>"]
+        self.eot_id = self.special["<|eot_id|>"]
         self.n_vocab = self.model.n_vocab
 
-    def encode(self, text: str, bos: bool = False, eos: bool = False,
-               allowed_special: set[str] | frozenset[str] = frozenset()) -> list[int]:
-        """Token ids of `text`. Special-token strings in it are plain text unless listed in `allowed_special`,
-        so user input cannot forge `<|eot_id|>` and the like."""
-        ids = self.model.encode(text, allowed_special=set(allowed_special), disallowed_special=())
+    def encode(self, text: str, bos: bool = False, eos: bool = False, *,
+               allowed_special: set[str] | frozenset[str] = frozenset(),
+               disallowed_special: str | tuple = "all") -> list[int]:
+        ids = self.model.encode(text, allowed_special=set(allowed_special), disallowed_special=disallowed_special)
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
     def decode(self, ids: list[int]) -> str:
         return self.model.decode(ids)
 
 
+Tokenizer = Llama3Tokenizer  # the book's name for it
+
+
 class ChatFormat:
-    """Llama 3's chat layout:
+    """Llama 3's chat layout, the book's `ChatFormat(tokenizer, default_system=...)`:
 
         <|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n{system}<|eot_id|>
         <|start_header_id|>user<|end_header_id|>\\n\\n{question}<|eot_id|>
         <|start_header_id|>assistant<|end_header_id|>\\n\\n      <- the model continues here
 
     (without the line breaks drawn above). The model ends its turn with <|eot_id|>.
+    `encode_dialog` and `decode_reply` add multi-message prompts and reply extraction.
     """
 
-    def __init__(self, tokenizer: Llama3Tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer: Llama3Tokenizer, *, default_system: str = "You are a helpful assistant."):
+        self.tok = tokenizer
+        self.default_system = default_system
 
-    def encode_header(self, role: str) -> list[int]:
-        t = self.tokenizer
-        return ([t.special_tokens["<|start_header_id|>"]] + t.encode(role)
-                + [t.special_tokens["<|end_header_id|>"]] + t.encode("\n\n"))
+    def _header(self, role: str) -> list[int]:
+        """<|start_header_id|>role<|end_header_id|>\\n\\n"""
+        return ([self.tok.special["<|start_header_id|>"]] + self.tok.encode(role)
+                + [self.tok.special["<|end_header_id|>"]] + self.tok.encode("\n\n"))
 
-    def encode_message(self, role: str, content: str) -> list[int]:
-        return self.encode_header(role) + self.tokenizer.encode(content.strip()) + [self.tokenizer.eot_id]
+    def encode(self, user_message: str, system_message: str | None = None) -> list[int]:
+        """A one-question prompt with a system message (`default_system` if None), ending in the assistant header."""
+        system = system_message if system_message is not None else self.default_system
+        return self.encode_dialog([{"role": "system", "content": system}, {"role": "user", "content": user_message}])
 
     def encode_dialog(self, messages: list[dict]) -> list[int]:
         """[{"role": "system"|"user"|"assistant", "content": ...}, ...] -> a prompt ending in the assistant header."""
-        ids = [self.tokenizer.bos_id]
+        ids = [self.tok.special["<|begin_of_text|>"]]
         for message in messages:
             if set(message) != {"role", "content"}:
                 raise ValueError(f"Each message needs exactly 'role' and 'content', got {sorted(message)}")
-            ids += self.encode_message(message["role"], message["content"])
-        return ids + self.encode_header("assistant")
+            ids += self._header(message["role"]) + self.tok.encode(message["content"])
+            ids.append(self.tok.special["<|eot_id|>"])
+        return ids + self._header("assistant")
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tok.decode(token_ids)
 
     def decode_reply(self, ids: list[int]) -> str:
         """The assistant's text: everything generated before its <|eot_id|> (or end of text)."""
-        for stop in (self.tokenizer.eot_id, self.tokenizer.eos_id):
+        for stop in (self.tok.special["<|eot_id|>"], self.tok.special["<|end_of_text|>"]):
             if stop in ids:
                 ids = ids[:ids.index(stop)]
-        return self.tokenizer.decode(ids).strip()
+        return self.tok.decode(ids).strip()
 
 
-class Llama2Tokenizer:
-    """Llama 2's sentencepiece tokenizer (32,000 pieces, byte fallback); BOS/EOS are ids, not text."""
+def clean_text(text: str, header_end: str = "assistant<|end_header_id|>\n\n") -> str:
+    """The reply in a decoded chat: the text after the first `header_end`, stripped (all of it if absent)."""
+    index = text.find(header_end)
+    return text[index + len(header_end):].strip() if index != -1 else text
 
-    def __init__(self, model_path: str | Path):
+
+class LlamaTokenizer:
+    """Llama 2's sentencepiece tokenizer (32,000 pieces, byte fallback), the book's `LlamaTokenizer`.
+
+    As in the book, `encode(text)` gives the pieces only; Meta's reference code puts the
+    beginning-of-sequence id <s> = 1 in front, which `bos=True` does.
+    """
+
+    def __init__(self, tokenizer_file: str | Path):
         import sentencepiece as spm
 
-        if not Path(model_path).is_file():
-            raise FileNotFoundError(f"Tokenizer file not found: {model_path}. For Llama 2 it is tokenizer.model "
+        if not Path(tokenizer_file).is_file():
+            raise FileNotFoundError(f"Tokenizer file not found: {tokenizer_file}. For Llama 2 it is tokenizer.model "
                                     "in the Hugging Face repository.")
-        self.sp = spm.SentencePieceProcessor(model_file=str(model_path))
-        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
-        self.n_vocab = self.sp.get_piece_size()
+        sp = spm.SentencePieceProcessor()
+        try:
+            sp.load(str(tokenizer_file))
+        except (OSError, RuntimeError):
+            raise ValueError(f"{tokenizer_file} is not a sentencepiece model (Llama 2's tokenizer.model); "
+                             "download it again (Llama 3's tokenizer.model is read by Tokenizer).") from None
+        self.tokenizer = sp
+        self.bos_id, self.eos_id = sp.bos_id(), sp.eos_id()
+        self.n_vocab = sp.get_piece_size()
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+        return [self.bos_id] * bos + self.tokenizer.encode(text, out_type=int) + [self.eos_id] * eos
 
     def decode(self, ids: list[int]) -> str:
-        return self.sp.decode(ids)
+        return self.tokenizer.decode(ids)
+
+
+Llama2Tokenizer = LlamaTokenizer
 
 
 def format_llama2_chat(user_message: str, system_prompt: str | None = None) -> str:
@@ -534,10 +635,11 @@ def format_llama2_chat(user_message: str, system_prompt: str | None = None) -> s
 
 
 #####################################
-# Hugging Face checkpoints
+# Loading weights
 #####################################
 
-# Hugging Face's parameter names -> ours, per layer and for the rest.
+# Checkpoint tensor names -> ours, per layer and for the rest: Hugging Face's layout and
+# Meta's original one (consolidated.00.pth, which the Llama 2 notebook loads).
 HF_LAYER_NAMES = {
     "self_attn.q_proj.weight": "att.W_query.weight",
     "self_attn.k_proj.weight": "att.W_key.weight",
@@ -554,6 +656,24 @@ HF_OTHER_NAMES = {
     "model.norm.weight": "final_norm.weight",
     "lm_head.weight": "out_head.weight",
 }
+META_LAYER_NAMES = {
+    "attention.wq.weight": "att.W_query.weight",
+    "attention.wk.weight": "att.W_key.weight",
+    "attention.wv.weight": "att.W_value.weight",
+    "attention.wo.weight": "att.out_proj.weight",
+    "feed_forward.w1.weight": "ff.fc1.weight",   # gate
+    "feed_forward.w3.weight": "ff.fc2.weight",   # up (Meta numbers them w1, w3, w2 in data-flow order)
+    "feed_forward.w2.weight": "ff.fc3.weight",   # down
+    "attention_norm.weight": "norm1.weight",
+    "ffn_norm.weight": "norm2.weight",
+}
+META_OTHER_NAMES = {
+    "tok_embeddings.weight": "tok_emb.weight",
+    "norm.weight": "final_norm.weight",
+    "output.weight": "out_head.weight",
+}
+LAYOUTS = {"hf": ("model.layers.{}.", HF_LAYER_NAMES, HF_OTHER_NAMES),
+           "meta": ("layers.{}.", META_LAYER_NAMES, META_OTHER_NAMES)}
 
 
 def hf_to_our_name(hf_name: str) -> str | None:
@@ -566,15 +686,169 @@ def hf_to_our_name(hf_name: str) -> str | None:
     return None
 
 
+def checkpoint_names(n_layers: int, layout: str) -> dict[str, str]:
+    """{our parameter name: the checkpoint's tensor name} for a model with `n_layers` blocks."""
+    prefix, layer_names, other_names = LAYOUTS[layout]
+    names = {ours: theirs for theirs, ours in other_names.items()}
+    for layer in range(n_layers):
+        names.update({f"trf_blocks.{layer}.{ours}": prefix.format(layer) + theirs
+                      for theirs, ours in layer_names.items()})
+    return names
+
+
+def permute(w: torch.Tensor, n_heads: int, out_dim: int, in_dim: int) -> torch.Tensor:
+    """Meta's original q/k weights -> the "rotate half" layout our RoPE (and Hugging Face's) expects.
+
+    Meta's checkpoints rotate *neighbouring* features of a head together (pairs 0-1,
+    2-3, ...); `apply_rope` rotates feature i with i + head_dim/2. Reordering each head's
+    output rows, first all even features then all odd ones, makes the two agree.
+    """
+    return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def assign(left: torch.Tensor, right, tensor_name: str = "unknown") -> torch.Tensor:
+    """Copy `right` into the parameter `left` (after checking the shapes) and return it, as in the book.
+
+    A `left` on the "meta" device has no storage to copy into; then a new Parameter
+    holding `right` (in left's dtype, on right's device) is returned instead, which is
+    how a model built on the meta device gets its weights without a second copy.
+    """
+    if tuple(left.shape) != tuple(right.shape):
+        raise ValueError(f"Shape mismatch in tensor '{tensor_name}'. Left: {tuple(left.shape)}, Right: "
+                         f"{tuple(right.shape)}: the config does not fit this checkpoint (e.g. LLAMA32_CONFIG_3B "
+                         "for a 3B checkpoint, or build it with config_from_hf).")
+    right = torch.as_tensor(right)
+    if left.is_meta:
+        return nn.Parameter(right.to(dtype=left.dtype), requires_grad=left.requires_grad)
+    with torch.no_grad():
+        left.copy_(right)
+    return left
+
+
+def _check_checkpoint_names(params: Mapping, names: dict[str, str], n_layers: int, layout: str) -> None:
+    """Refuse a checkpoint that lacks tensors or has more layers than the model, before changing anything."""
+    needed = [theirs for ours, theirs in names.items() if ours != "out_head.weight"]
+    missing = [name for name in needed if name not in params]
+    if len(missing) == len(needed):
+        raise ValueError(f"None of the {len(needed)} Llama tensors was found (the checkpoint has e.g. "
+                         f"{list(params)[:3]}): this is not a Llama checkpoint.")
+    if missing:
+        raise ValueError(f"The checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}; "
+                         "the files are incomplete or the model has more layers than the checkpoint.")
+    layer_re = re.compile(re.escape(LAYOUTS[layout][0]).replace(r"\{\}", r"(\d+)"))
+    extra = sorted({int(m.group(1)) for name in params if (m := layer_re.match(name))} - set(range(n_layers)))
+    if extra:
+        raise ValueError(f"The checkpoint has layer(s) {extra[:3]}... beyond the model's n_layers={n_layers}; "
+                         "build the model with the checkpoint's config.")
+
+
+def load_weights_into_llama(model: nn.Module, param_config: dict, params: Mapping) -> None:
+    """Put a checkpoint's tensors `params` into `model`, the book's `load_weights_into_llama`.
+
+    `params` maps tensor names to tensors in Hugging Face's layout
+    (model.layers.0.self_attn.q_proj.weight, ...; safetensors files) or in Meta's
+    original one (layers.0.attention.wq.weight, ...; consolidated.00.pth), whose query
+    and key rows are reordered with `permute`. Only param_config["n_layers"] is read, as
+    in the book. A checkpoint without an output head (Llama 3.2) gets the head tied to
+    the token embedding. Works for models built on the "meta" device too (see `assign`).
+    """
+    n_layers = param_config["n_layers"]
+    if n_layers != len(model.trf_blocks):
+        raise ValueError(f"param_config has n_layers={n_layers}, the model {len(model.trf_blocks)} blocks.")
+    layout = "meta" if "tok_embeddings.weight" in params else "hf"
+    names = checkpoint_names(n_layers, layout)
+    _check_checkpoint_names(params, names, n_layers, layout)
+    was_tied = model.out_head.weight is model.tok_emb.weight
+    head_in_checkpoint = names["out_head.weight"] in params and not was_tied
+    for ours, theirs in names.items():
+        if ours == "out_head.weight" and not head_in_checkpoint:
+            continue
+        module_name, attr = ours.rsplit(".", 1)
+        module = model.get_submodule(module_name)
+        tensor = params[theirs]
+        if layout == "meta" and module_name.endswith(("W_query", "W_key")):
+            att = model.get_submodule(module_name.rsplit(".", 1)[0])
+            heads = att.num_heads if module_name.endswith("W_query") else getattr(att, "num_kv_groups", att.num_heads)
+            tensor = permute(tensor, heads, tensor.shape[0], tensor.shape[1])
+        setattr(module, attr, assign(getattr(module, attr), tensor, theirs))
+    if not head_in_checkpoint:
+        model.out_head.weight = model.tok_emb.weight
+        if not was_tied:
+            print("Model uses weight tying.")
+
+
+class SafetensorsWeights(Mapping):
+    """The tensors of one or more safetensors files, each read from the memory-mapped file
+    only when asked for (and converted to `dtype` on `device`).
+
+    Handed to `load_weights_into_llama` as its `params`, it keeps peak memory near one
+    copy of the weights: no tensor is read before the model needs it. A file that is not
+    a complete safetensors file is reported by name.
+    """
+
+    def __init__(self, files: list[str | Path], device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
+        from safetensors import safe_open
+
+        self.device, self.dtype = device, dtype
+        self._file_of, self._handles = {}, {}
+        for path in files:
+            try:
+                handle = safe_open(str(path), framework="pt", device="cpu")
+            except FileNotFoundError:
+                raise FileNotFoundError(f"Checkpoint file not found: {path}; download the checkpoint again.") from None
+            except Exception as err:  # safetensors raises its own error types for truncated or foreign files
+                raise ValueError(f"{path} is not a complete safetensors file ({type(err).__name__}: "
+                                 f"{str(err).splitlines()[0][:120]}); delete it and download it again.") from None
+            self._handles[str(path)] = handle
+            for name in handle.keys():
+                if name in self._file_of:
+                    raise ValueError(f"Tensor {name} is in both {self._file_of[name]} and {path}: these files are "
+                                     "not the shards of one checkpoint.")
+                self._file_of[name] = str(path)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        path = self._file_of[name]
+        try:
+            tensor = self._handles[path].get_tensor(name)
+        except Exception as err:
+            raise ValueError(f"Could not read {name} from {path} ({type(err).__name__}); the file is damaged: "
+                             "delete it and download it again.") from None
+        return tensor.to(device=self.device, dtype=self.dtype or tensor.dtype)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._file_of  # without reading the tensor, as Mapping's default would
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._file_of)
+
+    def __len__(self) -> int:
+        return len(self._file_of)
+
+
+HF_REQUIRED_KEYS = ("vocab_size", "max_position_embeddings", "hidden_size", "num_attention_heads",
+                    "num_hidden_layers", "intermediate_size")
+
+
 def config_from_hf(hf_config: dict, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """Our config dict from a Hugging Face Llama `config.json` (rope keys of transformers 4.x and 5.x)."""
+    """Our config dict from a Hugging Face Llama `config.json` (rope keys of transformers 4.x and 5.x).
+
+    Optional keys get the defaults `transformers`' LlamaConfig gives them, so the model
+    is the one `transformers` would build from the same file.
+    """
+    missing = [key for key in HF_REQUIRED_KEYS if key not in hf_config]
+    if missing:
+        raise ValueError(f"lacks {missing} (is this a Llama config.json?)")
     rope = hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "llama3"):
-        raise ValueError(f"RoPE type {rope_type!r} is not a Llama 2/3 RoPE; this code supports 'default' and 'llama3'.")
+        raise ValueError(f"has RoPE type {rope_type!r}, not a Llama 2/3 RoPE; this code supports 'default' and "
+                         "'llama3'.")
+    if rope_type == "llama3" and (gaps := [k for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                                        "original_max_position_embeddings") if k not in rope]):
+        raise ValueError(f"has a 'llama3' RoPE scaling without {gaps}")
     head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // hf_config["num_attention_heads"]
     if head_dim * hf_config["num_attention_heads"] != hf_config["hidden_size"]:
-        raise ValueError("head_dim * num_attention_heads != hidden_size: not supported by this code.")
+        raise ValueError("has head_dim * num_attention_heads != hidden_size: not supported by this code.")
     return {
         "vocab_size": hf_config["vocab_size"],
         "context_length": hf_config["max_position_embeddings"],
@@ -588,10 +862,28 @@ def config_from_hf(hf_config: dict, dtype: torch.dtype = torch.bfloat16) -> dict
             "factor": rope["factor"], "low_freq_factor": rope["low_freq_factor"],
             "high_freq_factor": rope["high_freq_factor"],
             "original_context_length": rope["original_max_position_embeddings"]},
-        "rms_norm_eps": hf_config["rms_norm_eps"],
+        "rms_norm_eps": hf_config.get("rms_norm_eps", 1e-6),
         "tie_embeddings": hf_config.get("tie_word_embeddings", False),
         "dtype": dtype,
     }
+
+
+def read_hf_config(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Our config from a checkpoint's config.json; any problem is one ValueError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No config.json in {path.parent}: not a Hugging Face checkpoint folder.")
+    try:
+        hf_config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); delete it and download the checkpoint again.") from None
+    if not isinstance(hf_config, dict):
+        raise ValueError(f"{path} holds a JSON {type(hf_config).__name__}, not a model config.")
+    try:
+        cfg = check_config(config_from_hf(hf_config, dtype))
+    except ValueError as err:
+        raise ValueError(f"{path} {err}") from None
+    return cfg
 
 
 def safetensors_files(checkpoint_dir: str | Path) -> list[Path]:
@@ -599,7 +891,11 @@ def safetensors_files(checkpoint_dir: str | Path) -> list[Path]:
     checkpoint_dir = Path(checkpoint_dir)
     index = checkpoint_dir / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise ValueError(f"{index} is not a safetensors index (a JSON object with a 'weight_map'); "
+                             "delete it and download the checkpoint again.") from None
         files = [checkpoint_dir / name for name in shards]
     else:
         files = [checkpoint_dir / "model.safetensors"]
@@ -610,61 +906,47 @@ def safetensors_files(checkpoint_dir: str | Path) -> list[Path]:
     return files
 
 
-def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor, hf_name: str) -> None:
-    module_name, attr = name.rsplit(".", 1)
-    module = model.get_submodule(module_name)
-    old = getattr(module, attr)
-    if old.shape != tensor.shape:
-        raise ValueError(f"{hf_name} has shape {tuple(tensor.shape)} in the checkpoint but {name} has "
-                         f"{tuple(old.shape)} in the model: the config does not fit this checkpoint "
-                         "(e.g. LLAMA32_CONFIG_3B for a 3B checkpoint, or build it with config_from_hf).")
-    setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
-
-
 def load_llama_from_safetensors(cfg: dict, files: list[str | Path], device: torch.device | str = "cpu") -> Llama3Model:
     """Build a Llama3Model for `cfg` and fill it from Hugging Face safetensors `files`.
 
     Low peak memory: the model is first built on the "meta" device (shapes, no storage),
-    then each tensor is read from the memory-mapped file, converted to cfg["dtype"],
-    moved to `device` and installed, one at a time. So the process never holds a second
-    full copy of the weights (the naive way, a random-initialized model plus a loaded
-    state dict, needs two). Tied models get their output head re-tied to the embedding.
+    then `load_weights_into_llama` installs each tensor as it is read from the
+    memory-mapped file, converted to cfg["dtype"] and moved to `device`. So the process
+    never holds a second full copy of the weights (the naive way, a random-initialized
+    model plus a loaded state dict, needs two). The model comes in eval mode, without
+    gradients, ready for generation.
     """
-    from safetensors import safe_open
-
+    cfg = check_config(cfg)
+    params = SafetensorsWeights(files, device=device, dtype=cfg["dtype"])
     with torch.device("meta"):
         model = Llama3Model(cfg)
-    expected = {name for name, _ in model.named_parameters()}  # a tied head appears once, as tok_emb.weight
-    loaded = set()
-    for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for hf_name in f.keys():
-                name = hf_to_our_name(hf_name)
-                if name is None:
-                    if hf_name.endswith("rotary_emb.inv_freq"):
-                        continue  # old checkpoints store the RoPE frequencies, which we compute
-                    raise ValueError(f"Unexpected tensor {hf_name} in {path}: is this a Llama checkpoint, and "
-                                     f"does n_layers={cfg['n_layers']} match it?")
-                if name == "out_head.weight" and cfg["tie_embeddings"]:
-                    continue  # the same matrix as the embedding
-                if name not in expected:
-                    raise ValueError(f"{hf_name} has no place in a model with this config (n_layers="
-                                     f"{cfg['n_layers']}, tie_embeddings={cfg['tie_embeddings']}).")
-                _set_parameter(model, name, f.get_tensor(hf_name).to(device=device, dtype=cfg["dtype"]), hf_name)
-                loaded.add(name)
-    missing = sorted(expected - loaded)
-    if missing:
-        raise ValueError(f"The checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}; "
-                         "the files are incomplete or the config has too many layers.")
-    if cfg["tie_embeddings"]:
-        model.out_head.weight = model.tok_emb.weight
+    load_weights_into_llama(model, cfg, params)
     model.cos, model.sin = model.cos.to(device), model.sin.to(device)
-    return model.eval()
+    return model.requires_grad_(False).eval()  # for inference; call requires_grad_() to fine-tune
 
 
 GATED_HELP = ("Meta's Llama weights are gated on Hugging Face: log in at https://huggingface.co/{repo}, accept "
               "the license, create an access token (https://huggingface.co/settings/tokens) and pass it as "
-              "`token=` or set the HF_TOKEN environment variable.")
+              "`token=`, set the HF_TOKEN environment variable, or put it into config.json as HF_ACCESS_TOKEN.")
+TOKEN_PLACEHOLDER = "hf-..."
+
+
+def read_access_token(config_path: str | Path = "config.json") -> str:
+    """Your Hugging Face access token: the HF_TOKEN environment variable, else config.json's
+    HF_ACCESS_TOKEN (the book's way: copy your token into that file; never commit it)."""
+    if os.environ.get("HF_TOKEN"):
+        return os.environ["HF_TOKEN"]
+    path = Path(config_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No HF_TOKEN environment variable and no {path}. " + GATED_HELP.format(repo=""))
+    try:
+        token = json.loads(path.read_text(encoding="utf-8")).get("HF_ACCESS_TOKEN")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        raise ValueError(f"{path} is not a JSON object like {{\"HF_ACCESS_TOKEN\": \"hf_...\"}}; fix it.") from None
+    if not isinstance(token, str) or not token or token == TOKEN_PLACEHOLDER:
+        raise ValueError(f"{path} has no access token under HF_ACCESS_TOKEN (it says {token!r}); paste yours "
+                         "from https://huggingface.co/settings/tokens.")
+    return token
 
 
 def download_llama_checkpoint(repo_id: str = "meta-llama/Llama-3.2-1B-Instruct", token: str | None = None,
@@ -694,17 +976,17 @@ def download_llama_checkpoint(repo_id: str = "meta-llama/Llama-3.2-1B-Instruct",
 
 
 def load_llama_checkpoint(checkpoint_dir: str | Path, dtype: torch.dtype = torch.bfloat16,
-                          device: torch.device | str = "cpu", context_length: int | None = None) -> Llama3Model:
+                          device: torch.device | str = "cpu", context_length: int | None = None, *,
+                          attn_impl: str = "sdpa") -> Llama3Model:
     """A model from a downloaded Hugging Face folder, configured by its config.json.
 
     `context_length` may shorten the RoPE tables (the full 131,072 positions take
-    64-128 MB) when you know you need fewer positions.
+    64-128 MB) when you know you need fewer positions. Attention uses PyTorch's fused
+    kernel unless `attn_impl="manual"`.
     """
     checkpoint_dir = Path(checkpoint_dir)
-    config_path = checkpoint_dir / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"No config.json in {checkpoint_dir}: not a Hugging Face checkpoint folder.")
-    cfg = config_from_hf(json.loads(config_path.read_text()), dtype=dtype)
+    cfg = read_hf_config(checkpoint_dir / "config.json", dtype=dtype)
+    cfg["attn_impl"] = attn_impl
     if context_length is not None:
         cfg["context_length"] = min(context_length, cfg["context_length"])
     return load_llama_from_safetensors(cfg, safetensors_files(checkpoint_dir), device=device)

@@ -16,7 +16,7 @@ from llama3 import (
     apply_rope,
     compute_rope_params,
     config_from_hf,
-    count_parameters,
+    count_unique_parameters,
     generate,
     load_llama_checkpoint,
 )
@@ -60,7 +60,7 @@ def test_logits_match_transformers(hf_checkpoint, attn_impl):
         actual = model(idx)
     assert actual.shape == expected.shape
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
-    assert count_parameters(model) == sum(p.numel() for p in hf_model.parameters())
+    assert count_unique_parameters(model) == sum(p.numel() for p in hf_model.parameters())
     # The configs really differ the way the versions do.
     cfg = model.cfg
     assert (cfg["n_kv_groups"] == cfg["n_heads"]) == (version == "2")
@@ -85,7 +85,7 @@ def test_fresh_model_ties_embeddings():
     model = Llama3Model(cfg)
     assert model.out_head.weight is model.tok_emb.weight
     untied = Llama3Model({**cfg, "tie_embeddings": False})
-    assert count_parameters(untied) - count_parameters(model) == 50 * 32
+    assert count_unique_parameters(untied) - count_unique_parameters(model) == 50 * 32
 
 
 @pytest.mark.parametrize("version,head_dim", [("2", 128), ("3", 128), ("3.1", 128), ("3.2", 64)])
@@ -148,7 +148,7 @@ def test_gqa_equals_chapter_mha_when_groups_equal_heads():
     """Without rotation and biases, GQA with one key/value head per query head is chapter 3's attention."""
     torch.manual_seed(0)
     d, heads, n = 48, 6, 11
-    gqa = GroupedQueryAttention(d, heads, num_kv_groups=heads)
+    gqa = GroupedQueryAttention(d, d, heads, num_kv_groups=heads)
     mha = MultiHeadAttention(d, d, context_length=n, dropout=0.0, num_heads=heads)
     with torch.no_grad():
         for name in ("W_query", "W_key", "W_value", "out_proj"):
@@ -156,7 +156,7 @@ def test_gqa_equals_chapter_mha_when_groups_equal_heads():
         mha.out_proj.bias.zero_()
     x = torch.randn(3, n, d)
     cos, sin = _identity_rope(n, d // heads)
-    torch.testing.assert_close(gqa(x, cos, sin), mha(x), rtol=0, atol=1e-5)
+    torch.testing.assert_close(gqa(x, None, cos, sin), mha(x), rtol=0, atol=1e-5)
 
 
 def test_gqa_equals_mha_with_repeated_key_value_heads():
@@ -164,8 +164,8 @@ def test_gqa_equals_mha_with_repeated_key_value_heads():
     torch.manual_seed(0)
     d, heads, groups, n = 48, 6, 2, 9
     head_dim = d // heads
-    gqa = GroupedQueryAttention(d, heads, num_kv_groups=groups)
-    mha = GroupedQueryAttention(d, heads, num_kv_groups=heads)
+    gqa = GroupedQueryAttention(d, d, heads, num_kv_groups=groups)
+    mha = GroupedQueryAttention(d, d, heads, num_kv_groups=heads)
     with torch.no_grad():
         mha.W_query.weight.copy_(gqa.W_query.weight)
         mha.out_proj.weight.copy_(gqa.out_proj.weight)
@@ -174,7 +174,7 @@ def test_gqa_equals_mha_with_repeated_key_value_heads():
             getattr(mha, name).weight.copy_(per_head.repeat_interleave(heads // groups, dim=0).reshape(d, d))
     cos, sin = compute_rope_params(head_dim, 10_000.0, n)
     x = torch.randn(2, n, d)
-    torch.testing.assert_close(gqa(x, cos, sin), mha(x, cos, sin), rtol=0, atol=1e-5)
+    torch.testing.assert_close(gqa(x, None, cos, sin), mha(x, None, cos, sin), rtol=0, atol=1e-5)
     assert gqa.W_key.weight.numel() * heads // groups == mha.W_key.weight.numel()
 
 
@@ -193,8 +193,9 @@ def _tiny_model(version="3.2", seed=0):
 def test_kv_cache_and_no_cache_give_the_same_greedy_text(version):
     model = _tiny_model(version)
     prompt = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
-    cached = generate(model, prompt, max_new_tokens=40, use_cache=True)
-    uncached = generate(model, prompt, max_new_tokens=40, use_cache=False)
+    ctx = model.cfg["context_length"]
+    cached = generate(model, prompt, 40, ctx, use_cache=True)
+    uncached = generate(model, prompt, 40, ctx, use_cache=False)
     assert cached.shape == (2, 47)
     assert torch.equal(cached, uncached)
     assert len(set(cached[0, 7:].tolist())) > 3  # a real continuation, not one repeated token
@@ -206,23 +207,38 @@ def test_kv_cache_chunks_give_the_same_logits_as_one_pass():
     with torch.no_grad():
         full = model(idx)
         cache = KVCache(model.cfg, batch_size=2, max_len=30, dtype=torch.float32)
-        parts = [model(idx[:, :12], cache), model(idx[:, 12:13], cache), model(idx[:, 13:], cache)]
+        parts = [model(idx[:, :12], kv_cache=cache), model(idx[:, 12:13], kv_cache=cache),
+                 model(idx[:, 13:], kv_cache=cache)]
     assert cache.pos == 30
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-4)
 
 
-def test_generate_stops_at_eos_and_checks_arguments():
+def test_kv_cache_falls_back_to_the_sliding_window_past_the_context():
+    """Past `context_size` the book's generate re-reads the last window; with the cache the tokens are the same."""
     model = _tiny_model()
+    prompt = torch.randint(0, VOCAB, (1, 28), generator=torch.Generator().manual_seed(7))
+    cached = generate(model, prompt, 12, 32, use_cache=True)
+    uncached = generate(model, prompt, 12, 32, use_cache=False)
+    assert cached.shape == (1, 40)
+    assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_generate_stops_before_eos_and_checks_arguments(use_cache):
+    model = _tiny_model()
+    ctx = model.cfg["context_length"]
     prompt = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(5))
-    first = generate(model, prompt, max_new_tokens=1)[0, -1].item()
-    out = generate(model, prompt, max_new_tokens=20, eos_id=first)
-    assert out.shape == (1, 6)
+    two = generate(model, prompt, 2, ctx, use_cache=use_cache)
+    assert two.shape == (1, 7)
+    # As in the book: when the next token is eos_id, generation stops and eos is not appended.
+    assert torch.equal(generate(model, prompt, 20, ctx, eos_id=two[0, 5].item(), use_cache=use_cache), prompt)
+    assert torch.equal(generate(model, prompt, 20, ctx, eos_id=two[0, 6].item(), use_cache=use_cache), two[:, :6])
     with pytest.raises(ValueError, match="temperature"):
-        generate(model, prompt, max_new_tokens=2, temperature=-1.0)
+        generate(model, prompt, 2, ctx, temperature=-1.0, use_cache=use_cache)
     with pytest.raises(ValueError, match="context length"):
-        model(torch.zeros(1, model.cfg["context_length"] + 1, dtype=torch.long))
-    sampled = [generate(model, prompt, 10, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(s))
-               for s in (1, 1, 2)]
+        model(torch.zeros(1, ctx + 1, dtype=torch.long))
+    sampled = [generate(model, prompt, 10, ctx, temperature=1.0, top_k=5, use_cache=use_cache,
+                        generator=torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
     assert torch.equal(sampled[0], sampled[1]) and not torch.equal(sampled[0], sampled[2])
 
 

@@ -9,7 +9,7 @@ import pytest
 from llama3 import (
     LLAMA3_SPECIAL_TOKENS,
     ChatFormat,
-    Llama2Tokenizer,
+    LlamaTokenizer,
     Llama3Tokenizer,
     format_llama2_chat,
 )
@@ -53,7 +53,7 @@ def test_llama3_merges_are_used(llama3_tokenizer):
 
 def test_llama3_special_tokens(llama3_tokenizer):
     tokenizer, n_ranks = llama3_tokenizer
-    special = tokenizer.special_tokens
+    special = tokenizer.special
     assert len(special) == 256 == len(LLAMA3_SPECIAL_TOKENS)
     assert sorted(special.values()) == list(range(n_ranks, n_ranks + 256))
     # The offsets of the real 128,256-token vocabulary: <|begin_of_text|> = 128000, <|eot_id|> = 128009, ...
@@ -61,9 +61,12 @@ def test_llama3_special_tokens(llama3_tokenizer):
                "<|eot_id|>": 9, "<|reserved_special_token_247|>": 255}
     assert {name: special[name] - n_ranks for name in offsets} == offsets
     assert tokenizer.n_vocab == n_ranks + 256
-    # Typed text cannot forge a special token unless the caller allows it.
-    assert special["<|eot_id|>"] not in tokenizer.encode("hi<|eot_id|>")
-    assert tokenizer.decode(tokenizer.encode("hi<|eot_id|>")) == "hi<|eot_id|>"
+    # Typed text cannot forge a special token: as in the book, it is refused unless the caller
+    # asks for plain text or for the special token.
+    with pytest.raises(ValueError, match="disallowed special token"):
+        tokenizer.encode("hi<|eot_id|>")
+    as_text = tokenizer.encode("hi<|eot_id|>", disallowed_special=())
+    assert special["<|eot_id|>"] not in as_text and tokenizer.decode(as_text) == "hi<|eot_id|>"
     assert tokenizer.encode("hi<|eot_id|>", allowed_special={"<|eot_id|>"})[-1] == special["<|eot_id|>"]
 
 
@@ -71,7 +74,7 @@ def test_llama3_chat_format(llama3_tokenizer):
     tokenizer, _ = llama3_tokenizer
     chat = ChatFormat(tokenizer)
     ids = chat.encode_dialog([{"role": "system", "content": "You are helpful."},
-                              {"role": "user", "content": " What do llamas eat? "}])
+                              {"role": "user", "content": "What do llamas eat?"}])
     expected = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are helpful.<|eot_id|>"
                 "<|start_header_id|>user<|end_header_id|>\n\nWhat do llamas eat?<|eot_id|>"
                 "<|start_header_id|>assistant<|end_header_id|>\n\n")
@@ -86,7 +89,7 @@ def test_llama3_chat_format(llama3_tokenizer):
 
 def test_llama3_tokenizer_rejects_a_sentencepiece_file(tmp_path):
     spm_path = train_tiny_sentencepiece(SAMPLE_TEXT, tmp_path, vocab_size=300)
-    with pytest.raises(ValueError, match="Llama2Tokenizer"):
+    with pytest.raises(ValueError, match="LlamaTokenizer"):
         Llama3Tokenizer(spm_path)
     with pytest.raises(FileNotFoundError, match="tokenizer.model"):
         Llama3Tokenizer(tmp_path / "missing.model")
@@ -94,15 +97,15 @@ def test_llama3_tokenizer_rejects_a_sentencepiece_file(tmp_path):
 
 @pytest.fixture(scope="module")
 def llama2_tokenizer(tmp_path_factory):
-    return Llama2Tokenizer(train_tiny_sentencepiece(SAMPLE_TEXT, tmp_path_factory.mktemp("tok2"), vocab_size=300))
+    return LlamaTokenizer(train_tiny_sentencepiece(SAMPLE_TEXT, tmp_path_factory.mktemp("tok2"), vocab_size=300))
 
 
 @pytest.mark.parametrize("text", [t for t in TEXTS if t.strip()])
 def test_llama2_round_trip_with_byte_fallback(llama2_tokenizer, text):
     """Characters the tiny model never saw ('ü', '✓', the emoji) come back through byte pieces."""
-    ids = llama2_tokenizer.encode(text)
-    assert ids[0] == llama2_tokenizer.bos_id == 1
-    assert llama2_tokenizer.decode(ids[1:]) == text
+    ids = llama2_tokenizer.encode(text)  # as in the book: the pieces only, no <s>
+    assert llama2_tokenizer.encode(text, bos=True) == [llama2_tokenizer.bos_id] + ids and llama2_tokenizer.bos_id == 1
+    assert llama2_tokenizer.decode(ids) == text
     assert max(ids) < llama2_tokenizer.n_vocab == 300
 
 
@@ -117,5 +120,5 @@ def test_llama2_chat_prompt(llama2_tokenizer):
     prompt = format_llama2_chat(" What do llamas eat? ", system_prompt="Be brief.")
     assert prompt == "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nWhat do llamas eat? [/INST]"
     assert format_llama2_chat("Hi") == "[INST] Hi [/INST]"
-    ids = llama2_tokenizer.encode(prompt)
+    ids = llama2_tokenizer.encode(prompt, bos=True)
     assert ids[0] == 1 and llama2_tokenizer.decode(ids[1:]) == prompt
