@@ -3,8 +3,12 @@
 Special tokens (chat markers such as "<|user|>") are matched as whole strings before
 byte-pair encoding runs, so each one becomes exactly one new id. Ordinary tokens go
 through BPE like any other text, which only produces a token when a chain of merges
-leads to it; `add_ordinary_token` adds such a chain. Every existing id is kept.
+leads to it; `build_encoding` adds such chains for `ordinary_tokens`. Every existing id
+is kept.
 """
+
+import os
+from pathlib import Path
 
 import tiktoken
 import torch
@@ -43,12 +47,29 @@ def build_encoding(definition: dict) -> tiktoken.Encoding:
         if token in special:
             raise ValueError(f"{token!r} is already a special token of {definition['base']} "
                              f"(id {special[token]}); choose another name.")
+        _check_not_ordinary_text(token, ranks)
         seen.add(token)
         special[token] = next_id
         next_id += 1
 
     return tiktoken.Encoding(name=f"{definition['base']}-extended", pat_str=base._pat_str,
                              mergeable_ranks=ranks, special_tokens=special)
+
+
+def _check_not_ordinary_text(token: str, ranks: dict) -> None:
+    """Refuse a special token that ordinary text contains, such as "hello".
+
+    tiktoken looks for special tokens anywhere in the text before BPE runs, even inside
+    longer words. With "hello" as a special token, `encode("hello world")` is refused
+    (a disallowed special token), and with `allowed_special` "Othello" comes out as
+    "O", "t", <hello>. A marker needs characters that prose does not use.
+    """
+    if token.encode("utf-8") in ranks or token.strip().isalnum():
+        marker = f"<|{token.strip()}|>"
+        raise ValueError(f"{token!r} is ordinary text (a word or an existing token): tiktoken matches special "
+                         f"tokens anywhere, so encode() would refuse or cut up every text containing {token!r}, "
+                         f"even inside longer words. Use a marker such as {marker!r}, or add it as an "
+                         "ordinary token.")
 
 
 def _add_merge_chain(token: str, ranks: dict, special: dict, base: tiktoken.Encoding, next_id: int) -> int:
@@ -89,38 +110,89 @@ def resize_token_embeddings(model: nn.Module, new_vocab_size: int) -> nn.Module:
     """Grow `model.tok_emb` and `model.out_head` to `new_vocab_size` rows, in place.
 
     Existing rows are copied unchanged, so the logits of the original vocabulary stay
-    exactly the same. New rows start at the mean of the existing rows: a new token
-    then looks like an "average" token instead of random noise, which keeps the first
-    fine-tuning steps stable. If the head shares the embedding's weight (GPT-2 ties
-    them), the new head shares the new embedding's weight too. No bias is added to
-    the head: a bias would shift every original logit.
+    exactly the same. New rows start at the mean of the existing rows of the same
+    matrix: a new token then looks like an "average" token instead of random noise,
+    which keeps the first fine-tuning steps stable. Both kinds of head work:
+
+    * untied: the head is its own matrix, as after the book's `load_weights_into_gpt`
+      (it copies GPT-2's token embedding into the head). The head grows on its own.
+    * tied: the head *is* the embedding's weight (GPT-2's original checkpoints and
+      many models share them to save parameters). The new head shares the new
+      embedding's weight again, so the two stay one tensor.
+
+    No bias is added to the head: the book's recipe (`nn.Linear(..., bias=True)`)
+    adds a random bias that shifts every original logit.
     """
     old_emb = model.tok_emb
     old_vocab, emb_dim = old_emb.weight.shape
     if new_vocab_size < old_vocab:
         raise ValueError(f"new_vocab_size ({new_vocab_size}) is smaller than the current vocabulary "
                          f"({old_vocab}); shrinking would drop existing tokens.")
-    tied = model.out_head.weight is old_emb.weight
     if model.out_head.bias is not None:
         raise ValueError("The output head has a bias; this function expects GPT-2's bias-free head.")
-
-    factory = {"device": old_emb.weight.device, "dtype": old_emb.weight.dtype}
-    new_emb = nn.Embedding(new_vocab_size, emb_dim, **factory)
-    with torch.no_grad():
-        new_emb.weight[:old_vocab] = old_emb.weight
-        new_emb.weight[old_vocab:] = old_emb.weight.mean(dim=0)
-    model.tok_emb = new_emb
-
+    if tuple(model.out_head.weight.shape) != (old_vocab, emb_dim):
+        raise ValueError(f"The output head has shape {tuple(model.out_head.weight.shape)}, the embedding "
+                         f"{(old_vocab, emb_dim)}; resize a model whose head and embedding have the same vocabulary.")
+    tied = is_head_tied(model)
+    model.tok_emb = _grown(old_emb, new_vocab_size)
     if tied:
-        model.out_head = nn.Linear(emb_dim, new_vocab_size, bias=False, **factory)
-        model.out_head.weight = new_emb.weight
+        model.out_head = nn.Linear(emb_dim, new_vocab_size, bias=False, device=old_emb.weight.device,
+                                   dtype=old_emb.weight.dtype)
+        model.out_head.weight = model.tok_emb.weight
     else:
-        old_head = model.out_head.weight
-        model.out_head = nn.Linear(emb_dim, new_vocab_size, bias=False, **factory)
-        with torch.no_grad():
-            model.out_head.weight[:old_vocab] = old_head
-            model.out_head.weight[old_vocab:] = old_head.mean(dim=0)
+        model.out_head = _grown(model.out_head, new_vocab_size)
     return model
+
+
+def is_head_tied(model: nn.Module) -> bool:
+    """True if the output head uses the token embedding's weight tensor itself."""
+    return model.out_head.weight is model.tok_emb.weight
+
+
+def _grown(layer: nn.Embedding | nn.Linear, rows: int) -> nn.Embedding | nn.Linear:
+    """A copy of `layer` (an embedding or a bias-free linear layer) with `rows` rows:
+    the old rows copied, the new ones set to the mean of the old ones."""
+    old = layer.weight
+    factory = {"device": old.device, "dtype": old.dtype}
+    if isinstance(layer, nn.Embedding):
+        new_layer = nn.Embedding(rows, old.shape[1], **factory)
+    else:
+        new_layer = nn.Linear(old.shape[1], rows, bias=False, **factory)
+    with torch.no_grad():
+        new_layer.weight[:old.shape[0]] = old
+        new_layer.weight[old.shape[0]:] = old.mean(dim=0)
+    return new_layer
+
+
+def save_extended_checkpoint(path: str | Path, model: nn.Module, config: dict, definition: dict) -> None:
+    """Save the resized model, its config and the tokenizer definition in one file, atomically.
+
+    A state dict stores tensors, not the fact that two of them are one: a tied head
+    would load back as a separate copy and drift apart from the embedding during
+    training. So whether the head is tied is saved too. The file is written under a
+    temporary name and renamed, so a crash never leaves a half-written checkpoint.
+    """
+    path = Path(path)
+    if config["vocab_size"] != model.tok_emb.weight.shape[0]:
+        raise ValueError(f"config['vocab_size'] is {config['vocab_size']}, the model has "
+                         f"{model.tok_emb.weight.shape[0]} token embeddings; pass the resized model's config.")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save({"model": model.state_dict(), "config": config, "tokenizer": definition,
+                    "tied_head": is_head_tied(model)}, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_extended_checkpoint(path: str | Path, model_class: type[nn.Module]) -> tuple[nn.Module, tiktoken.Encoding]:
+    """The model (`model_class(config)`, in eval mode) and the tokenizer saved by `save_extended_checkpoint`."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    model = model_class(checkpoint["config"])
+    model.load_state_dict(checkpoint["model"])
+    if checkpoint["tied_head"]:
+        model.out_head.weight = model.tok_emb.weight
+    return model.eval(), build_encoding(checkpoint["tokenizer"])
 
 
 def padded_vocab_size(vocab_size: int, multiple: int = 64) -> int:

@@ -1,5 +1,7 @@
 """Extending GPT-2's tokenizer and resizing the model keeps everything old unchanged."""
 
+from pathlib import Path
+
 import pytest
 import tiktoken
 import torch
@@ -9,8 +11,11 @@ from tokenizer_extension import (
     TrimPaddedLogits,
     build_encoding,
     extended_encoding_definition,
+    is_head_tied,
+    load_extended_checkpoint,
     padded_vocab_size,
     resize_token_embeddings,
+    save_extended_checkpoint,
 )
 
 CHAT_TOKENS = ["<|user|>", "<|assistant|>", "<|end_of_turn|>"]
@@ -107,9 +112,76 @@ def test_resizing_keeps_original_logits(tied, extended):
     assert torch.allclose(model.tok_emb.weight[-1], mean_row)
 
 
+@pytest.mark.parametrize("word", ["hello", " hello", "Gisburnian", "1908"])
+def test_a_special_token_that_is_ordinary_text_is_refused(base, word):
+    """tiktoken finds special tokens anywhere in a text, so a word as a special token
+    breaks encode() of every text that contains it (and cuts up longer words)."""
+    raw = tiktoken.Encoding(name="raw", pat_str=base._pat_str, mergeable_ranks=base._mergeable_ranks,
+                            special_tokens={**base._special_tokens, word: base.n_vocab})
+    with pytest.raises(ValueError, match="disallowed special token"):
+        raw.encode(f"Othello{word} said so")
+    with pytest.raises(ValueError, match="is ordinary text") as err:
+        build_encoding(extended_encoding_definition([word]))
+    assert f"<|{word.strip()}|>" in str(err.value)
+    # Markers that prose does not contain stay accepted, e.g. the course's example.
+    assert build_encoding(extended_encoding_definition(["MyNewToken_1", f"<|{word.strip()}|>"])).n_vocab == 50259
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_extended_checkpoint_keeps_tying_logits_and_tokenizer(tmp_path, extended, tied):
+    definition = extended_encoding_definition(CHAT_TOKENS, [" Gisburnian"])
+    torch.manual_seed(2)
+    model = GPTModel(TINY).eval()
+    if tied:
+        model.out_head.weight = model.tok_emb.weight
+    resize_token_embeddings(model, extended.n_vocab)
+    config = {**TINY, "vocab_size": extended.n_vocab}
+    save_extended_checkpoint(tmp_path / "extended.pth", model, config, definition)
+    assert [p.name for p in tmp_path.iterdir()] == ["extended.pth"]  # no temporary file left behind
+
+    reloaded, tokenizer = load_extended_checkpoint(tmp_path / "extended.pth", GPTModel)
+    assert is_head_tied(reloaded) == tied
+    ids = tokenizer.encode("<|user|>Mr Gisburnian<|end_of_turn|>", allowed_special="all")
+    assert ids == extended.encode("<|user|>Mr Gisburnian<|end_of_turn|>", allowed_special="all")
+    with torch.no_grad():
+        assert torch.equal(reloaded(torch.tensor([ids])), model(torch.tensor([ids])))
+    with pytest.raises(ValueError, match="vocab_size"):
+        save_extended_checkpoint(tmp_path / "bad.pth", model, TINY, definition)
+
+
+def test_saving_over_a_checkpoint_is_atomic(tmp_path, monkeypatch, extended):
+    """A save that dies half-way leaves the previous file intact."""
+    definition = extended_encoding_definition(CHAT_TOKENS)
+    model = resize_token_embeddings(GPTModel(TINY), build_encoding(definition).n_vocab)
+    config = {**TINY, "vocab_size": model.tok_emb.weight.shape[0]}
+    path = tmp_path / "extended.pth"
+    save_extended_checkpoint(path, model, config, definition)
+    before = path.read_bytes()
+
+    def dies_half_way(obj, f):
+        Path(f).write_bytes(b"PK half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(OSError, match="disk full"):
+        save_extended_checkpoint(path, model, config, definition)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["extended.pth"]
+
+
 def test_resizing_cannot_shrink():
     with pytest.raises(ValueError, match="smaller than the current vocabulary"):
         resize_token_embeddings(GPTModel(TINY), 100)
+
+
+def test_resizing_refuses_a_head_with_a_bias_or_another_vocabulary():
+    model = GPTModel(TINY)
+    model.out_head = torch.nn.Linear(TINY["emb_dim"], TINY["vocab_size"], bias=True)
+    with pytest.raises(ValueError, match="has a bias"):
+        resize_token_embeddings(model, TINY["vocab_size"] + 3)
+    model.out_head = torch.nn.Linear(TINY["emb_dim"], TINY["vocab_size"] + 1, bias=False)
+    with pytest.raises(ValueError, match="same vocabulary"):
+        resize_token_embeddings(model, TINY["vocab_size"] + 3)
+    assert model.tok_emb.weight.shape[0] == TINY["vocab_size"]  # nothing changed
 
 
 def test_checkpoint_with_tokenizer_definition_round_trips(tmp_path, extended):
