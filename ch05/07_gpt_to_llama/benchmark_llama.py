@@ -16,6 +16,7 @@ import argparse
 import multiprocessing
 import platform
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -59,12 +60,13 @@ def synchronize(device: torch.device) -> None:
 def time_generation(model, prompt: torch.Tensor, new_tokens: int, use_cache: bool, repeats: int) -> float:
     """Best tokens/s over `repeats` runs after one warm-up run (which also triggers compilation)."""
     device = prompt.device
-    generate(model, prompt, new_tokens, use_cache=use_cache)
+    context_size = prompt.shape[1] + new_tokens
+    generate(model, prompt, new_tokens, context_size, use_cache=use_cache)
     best = 0.0
     for _ in range(repeats):
         synchronize(device)
         start = time.perf_counter()
-        generate(model, prompt, new_tokens, use_cache=use_cache)
+        generate(model, prompt, new_tokens, context_size, use_cache=use_cache)
         synchronize(device)
         best = max(best, new_tokens / (time.perf_counter() - start))
     return best
@@ -156,36 +158,63 @@ def benchmark_loading(args: argparse.Namespace) -> None:
         ctx = multiprocessing.get_context("spawn")
         for mode in ("naive", "low-memory"):
             queue = ctx.Queue()
-            proc = ctx.Process(target=_load_and_report, args=(mode, path, cfg, queue))
+            proc = ctx.Process(target=_load_and_report, args=(mode, path, cfg, queue), daemon=True)
             proc.start()
-            rise, _ = queue.get()
             proc.join()
+            if proc.exitcode != 0:
+                raise RuntimeError(f"{mode} loading failed in its child process (exit code {proc.exitcode}; "
+                                   "out of memory?); try a smaller --size or --dtype bfloat16")
+            rise, _ = queue.get()
             print(f"{mode:<11} loading: peak memory rose by {rise / 2**20:6.0f} MiB = "
                   f"{rise / 2**20 / weights_mb:.2f}x the weights")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+MAX_POSITIONS = LLAMA32_CONFIG_1B["context_length"]  # Llama 3.2's 131,072
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, checked before any model is built (argparse prints one `error:` line, exit 2)."""
+    parser = argparse.ArgumentParser(prog="benchmark_llama.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="small", help="Model shape (random weights).")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="Where to run.")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="Weight dtype.")
     parser.add_argument("--prompt-len", type=int, default=64, help="Prompt length in tokens.")
     parser.add_argument("--new-tokens", type=int, default=64, help="Tokens to generate per run.")
-    parser.add_argument("--repeats", type=int, default=3, help="Timed runs per variant (the best counts).")
+    parser.add_argument("--repeats", type=int, default=3, help="Timed runs per variant (the best counts), 1-100.")
     parser.add_argument("--threads", type=int, default=0, help="PyTorch CPU threads (0: PyTorch's default).")
     parser.add_argument("--compile", action="store_true", help="Add a torch.compile variant.")
     parser.add_argument("--loading", action="store_true", help="Measure loading memory instead of speed.")
-    args = parser.parse_args()
-    if min(args.prompt_len, args.new_tokens, args.repeats) < 1:
-        parser.error("--prompt-len, --new-tokens and --repeats must be >= 1")
+    args = parser.parse_args(argv)
+    for flag in ("prompt_len", "new_tokens"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.prompt_len + args.new_tokens > MAX_POSITIONS:
+        parser.error(f"--prompt-len + --new-tokens must be at most {MAX_POSITIONS:,} (Llama 3.2's context), "
+                     f"got {args.prompt_len + args.new_tokens:,}")
+    if not 1 <= args.repeats <= 100:
+        parser.error(f"--repeats must be between 1 and 100, got {args.repeats}")
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0 (0: PyTorch's default), got {args.threads}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was asked for, but PyTorch sees no CUDA GPU here; use --device cpu")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.loading:
-        benchmark_loading(args)
-    else:
-        benchmark_generation(args, torch.device(args.device))
+    try:
+        if args.loading:
+            benchmark_loading(args)
+        else:
+            benchmark_generation(args, torch.device(args.device))
+    except KeyboardInterrupt:  # the figures printed so far stand as they are; nothing is written to disk
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except RuntimeError as err:
+        sys.exit(f"error: {str(err).splitlines()[0]}")
 
 
 if __name__ == "__main__":

@@ -128,3 +128,20 @@ def test_benchmark_name_mapping_inverts_the_loader_mapping():
     names = [name for name, _ in model.named_parameters()]
     assert [hf_to_our_name(our_to_hf_name(name)) for name in names] == names
     assert our_to_hf_name("trf_blocks.1.ff.fc1.weight") == "model.layers.1.mlp.gate_proj.weight"
+
+
+def test_benchmark_generation_runs_every_variant(capsys):
+    from benchmark_llama import main
+
+    main(["--prompt-len", "4", "--new-tokens", "2", "--repeats", "1", "--threads", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.rstrip().endswith("x")]
+    assert len(rows) == 4 and rows[0].rstrip().endswith("1.00x")
+
+
+@pytest.mark.slow
+def test_benchmark_loading_measures_both_ways(capsys):
+    from benchmark_llama import main
+
+    main(["--loading", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "naive       loading: peak memory rose by" in out and "low-memory  loading" in out
