@@ -17,23 +17,19 @@ Writes to --output-dir: `checkpoint.pth` (atomic), `losses.json`, `loss.png`.
 import argparse
 import sys
 
+import torch
 from ch05_utils import get_device
-from speed_train import (
-    add_optimization_arguments,
-    check_optimization_arguments,
-    enable_device_settings,
-    finish_run,
-    make_trainer,
-)
-from speed_utils import (
+from speed_settings import (
+    TrainSettings,
     add_common_arguments,
-    check_common_arguments,
-    default_text_path,
-    device_name,
-    flops_per_token,
+    add_optimization_arguments,
+    check_device_support,
+    check_output_dir,
     model_config,
-    write_token_file,
+    settings_from_args,
 )
+from speed_train import StopRequest, Trainer, TrainingDiverged, enable_device_settings, finish_run, make_trainer
+from speed_utils import default_text_path, device_name, flops_per_token, write_token_file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,30 +40,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def prepare(settings: TrainSettings, cfg: dict | None = None, model: torch.nn.Module | None = None) -> Trainer:
+    """Everything before the first step, in the order that fails fastest: settings, device, output
+    folder, token file, model. `cfg`/`model` replace the preset shape and the chapter's model."""
+    device = get_device(settings.device)
+    check_device_support(settings, device)
+    check_output_dir(settings)
+    enable_device_settings(settings)
+    token_path = settings.output_dir / "tokens.npy"
+    write_token_file(settings.text_file or default_text_path(), token_path)
+    return make_trainer(settings, cfg or model_config(settings), device, token_path, model=model)
+
+
+def train(trainer: Trainer) -> dict:
+    """Run the steps (Ctrl-C/SIGTERM: save and stop), then report; returns the throughput report."""
+    settings, cfg = trainer.settings, trainer.cfg
+    print(f"Training {cfg['n_layers']}-layer model (context {cfg['context_length']}) on "
+          f"{device_name(trainer.device)} for {trainer.total_steps} steps of {trainer.tokens_per_step:,} tokens; "
+          f"{flops_per_token(cfg) / 1e6:,.1f} MFLOP/token. "
+          f"Optimizations: {' '.join(settings.optimization_flags()) or 'none'}.")
+    with StopRequest() as stop:
+        trainer.run(progress_bar=settings.progress_bar, stop=stop)
+    return finish_run(trainer, settings, trainer.device)
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    """The command line: `python 01_opt_single_gpu.py [flags]`."""
     args = build_parser().parse_args(argv)
     try:
-        check_common_arguments(args)
-        device = get_device(args.device)
-        check_optimization_arguments(args, device)
-        enable_device_settings(args, device)
-        cfg = model_config(args)
-        token_path = args.output_dir / "tokens.npy"
-        write_token_file(args.text_file or default_text_path(), token_path)
-        trainer = make_trainer(args, cfg, device, token_path)
+        trainer = prepare(settings_from_args(args))
+        train(trainer)
     except (ValueError, FileNotFoundError, ConnectionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-
-    flags = [f"--{k.replace('_', '-')}" for k, v in sorted(vars(args).items()) if v is True
-             and k not in ("resume", "overwrite", "no_progress")]
-    print(f"Training {cfg['n_layers']}-layer model (context {cfg['context_length']}) on {device_name(device)} "
-          f"for {trainer.total_steps} steps of {trainer.tokens_per_step:,} tokens; "
-          f"{flops_per_token(cfg) / 1e6:,.1f} MFLOP/token. Optimizations: {' '.join(flags) or 'none'}.")
-    trainer.run(progress_bar=not args.no_progress)
-    finish_run(trainer, args, device)
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_main())

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 from ch05_utils import get_device
-from speed_utils import MODEL_PRESETS, device_name, measure_matmul_flops
+from speed_settings import MODEL_PRESETS
+from speed_utils import device_name, measure_matmul_flops, write_json_atomic
 
 HERE = Path(__file__).resolve().parent
 
@@ -164,8 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(format_table(results))
     if args.output_json is not None:
-        args.output_json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                "results": results}, indent=1))
+        write_json_atomic({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, args.output_json)
     return 0
 
 

@@ -6,8 +6,10 @@ faster ones that hold the *same* parameters under the same names, so checkpoints
 and weights stay interchangeable with the chapter's code.
 """
 
-import argparse
 import math
+import os
+import signal
+import threading
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -17,19 +19,20 @@ import torch.nn.functional as F
 from ch05_utils import get_rng_states, load_checkpoint, save_checkpoint_atomic, set_rng_states
 from lr_schedule import apply_lr, lr_at_step
 from previous_chapters import GPTModel, LayerNorm, MultiHeadAttention
+from speed_settings import TrainSettings
 from speed_utils import (
     ThroughputMeter,
     TokenWindows,
     format_report,
     load_tokens,
     precision_name,
+    save_figure_atomic,
     split_tokens,
     synchronize,
     throughput_report,
     write_json_atomic,
 )
-
-CUDA_ONLY_FLAGS = ("tf32", "pin_memory")
+from torch.nn.parallel import DistributedDataParallel
 
 
 #####################################
@@ -53,6 +56,10 @@ class FastMultiHeadAttention(nn.Module):
         self.W_query, self.W_key, self.W_value = att.W_query, att.W_key, att.W_value
         self.out_proj, self.dropout = att.out_proj, att.dropout
         self.use_sdpa = use_sdpa
+        if "mask" in att.state_dict():  # the chapter stores its mask in state dicts: keep files interchangeable
+            self.context_length = att.mask.shape[0]
+            self._register_state_dict_hook(_add_chapter_mask)
+            self._register_load_state_dict_pre_hook(_drop_chapter_mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, num_tokens, _ = x.shape
@@ -68,6 +75,17 @@ class FastMultiHeadAttention(nn.Module):
             attn_weights = self.dropout(torch.softmax(attn_scores / self.head_dim**0.5, dim=-1))
             context = attn_weights @ values
         return self.out_proj(context.transpose(1, 2).reshape(b, num_tokens, self.d_out))
+
+
+def _add_chapter_mask(module: FastMultiHeadAttention, state_dict: dict, prefix: str, local_metadata) -> None:
+    """Save the chapter's `mask` entry (a constant) although this module keeps no such buffer."""
+    ctx = module.context_length
+    state_dict[prefix + "mask"] = torch.triu(torch.ones(ctx, ctx, device=module.out_proj.weight.device), diagonal=1)
+
+
+def _drop_chapter_mask(state_dict: dict, prefix: str, *args) -> None:
+    """Accept the chapter's `mask` entry when loading: this module builds the mask itself."""
+    state_dict.pop(prefix + "mask", None)
 
 
 class NativeLayerNorm(nn.Module):
@@ -131,68 +149,14 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, no_decay_b
 
 
 #####################################
-# Command line
-#####################################
-
-def add_optimization_arguments(parser: argparse.ArgumentParser) -> None:
-    """One switch per optimization (all off: the chapter's computation)."""
-    group = parser.add_argument_group("optimizations (each off by default)")
-    group.add_argument("--mask-on-the-fly", action="store_true",
-                       help="Build the causal mask in each forward pass instead of storing a buffer per block.")
-    group.add_argument("--tf32", action="store_true",
-                       help="Let fp32 matrix products use TF32 tensor cores (CUDA only).")
-    group.add_argument("--fused-adamw", action="store_true", help="AdamW as one fused kernel.")
-    group.add_argument("--pin-memory", action="store_true",
-                       help="Copy batches from pinned host memory without blocking (CUDA only).")
-    group.add_argument("--bf16", action="store_true",
-                       help="bfloat16 autocast for forward and loss; weights, gradients and AdamW stay fp32.")
-    group.add_argument("--pure-bf16", action="store_true",
-                       help="Opt-in: keep the weights themselves in bfloat16 (no fp32 master copy; small "
-                            "updates can be rounded away).")
-    group.add_argument("--native-ops", action="store_true", help="PyTorch's fused LayerNorm and GELU kernels.")
-    group.add_argument("--sdpa", action="store_true",
-                       help="scaled_dot_product_attention (FlashAttention on GPUs) instead of explicit attention.")
-    group.add_argument("--compile", action="store_true", help="torch.compile the model.")
-    group.add_argument("--compile-backend", choices=["inductor", "aot_eager"], default="inductor",
-                       help="torch.compile backend: inductor generates fused kernels (slow to compile on a "
-                            "CPU); aot_eager only captures the graphs (the tests use it to check --compile quickly).")
-    group.add_argument("--pad-vocab", action="store_true", help="Pad the vocabulary to a multiple of 64.")
-    group.add_argument("--grad-accum-steps", type=int, default=1,
-                       help="Micro-batches of --batch-size per optimizer step (a larger batch in the same memory).")
-    group.add_argument("--no-decay-bias-norm", action="store_true",
-                       help="No weight decay on biases and LayerNorm parameters.")
-    group.add_argument("--keep-grad-buffers", action="store_true",
-                       help="Zero the gradients in place after each step instead of freeing them, so the next "
-                            "backward pass does not allocate them again (matters on CPUs).")
-    parser.add_argument("--lr-warmup-frac", type=float, default=0.1,
-                        help="Fraction of the steps with linear learning-rate warm-up before the cosine decay.")
-    parser.add_argument("--min-lr-ratio", type=float, default=0.1, help="Final learning rate as a fraction of --lr.")
-
-
-def check_optimization_arguments(args: argparse.Namespace, device: torch.device) -> None:
-    if args.grad_accum_steps < 1:
-        raise ValueError(f"--grad-accum-steps must be at least 1, got {args.grad_accum_steps}.")
-    if not 0 <= args.lr_warmup_frac <= 1:
-        raise ValueError(f"--lr-warmup-frac must be between 0 and 1, got {args.lr_warmup_frac}.")
-    if not 0 <= args.min_lr_ratio <= 1:
-        raise ValueError(f"--min-lr-ratio must be between 0 and 1, got {args.min_lr_ratio}.")
-    if args.bf16 and args.pure_bf16:
-        raise ValueError("--bf16 (autocast, fp32 weights) and --pure-bf16 (bf16 weights) exclude each other.")
-    for flag in CUDA_ONLY_FLAGS:
-        if getattr(args, flag) and device.type != "cuda":
-            raise ValueError(f"--{flag.replace('_', '-')} works only with --device cuda (this run uses {device}); "
-                             "leave it out on this device.")
-
-
-def enable_device_settings(args: argparse.Namespace, device: torch.device) -> None:
-    """Process-wide settings that the switches ask for."""
-    if args.tf32:
-        torch.set_float32_matmul_precision("high")  # fp32 matmuls may use TF32 tensor cores
-
-
-#####################################
 # Training
 #####################################
+
+def enable_device_settings(settings: TrainSettings) -> None:
+    """Process-wide settings that the switches ask for."""
+    if settings.tf32:
+        torch.set_float32_matmul_precision("high")  # fp32 matmuls may use TF32 tensor cores
+
 
 def to_device(x: torch.Tensor, pin_memory: bool, device: torch.device) -> torch.Tensor:
     """Pinned (page-locked) host memory lets the copy run asynchronously, overlapping
@@ -202,29 +166,67 @@ def to_device(x: torch.Tensor, pin_memory: bool, device: torch.device) -> torch.
     return x.to(device)
 
 
-def autocast_context(args: argparse.Namespace, device: torch.device):
-    if args.bf16:
+def autocast_context(settings: TrainSettings, device: torch.device):
+    if settings.bf16:
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 
-def micro_batch_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, args, device) -> torch.Tensor:
-    with autocast_context(args, device):
+def micro_batch_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: TrainSettings,
+                     device: torch.device) -> torch.Tensor:
+    with autocast_context(settings, device):
         logits = model(x)
     return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
 
-def evaluate_val_loss(model: nn.Module, val_windows: TokenWindows, args, device: torch.device) -> float:
+def evaluate_val_loss(model: nn.Module, val_windows: TokenWindows, settings: TrainSettings,
+                      device: torch.device) -> float:
     """Mean loss over the first --eval-iter validation batches (same batches every time)."""
     model.eval()
     total = 0.0
     with torch.no_grad():
-        for i in range(args.eval_iter):
-            x, y = val_windows.micro_batch(i, 0, args.batch_size, 1)
-            x, y = to_device(x, args.pin_memory, device), to_device(y, args.pin_memory, device)
-            total += micro_batch_loss(model, x, y, args, device).item()
+        for i in range(settings.eval_iter):
+            x, y = val_windows.micro_batch(i, 0, settings.batch_size, 1)
+            x, y = to_device(x, settings.pin_memory, device), to_device(y, settings.pin_memory, device)
+            total += micro_batch_loss(model, x, y, settings, device).item()
     model.train()
-    return total / args.eval_iter
+    return total / settings.eval_iter
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: continuing (or saving) would only spread it."""
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM while training: finish the current step, save a checkpoint, stop.
+
+    Use it as a context manager around the loop: it installs the handlers and puts the
+    previous ones back afterwards (so a test or a notebook keeps its own Ctrl-C). With
+    `grace_seconds`, a process that has not finished that long after the signal exits
+    anyway (a DDP rank can wait forever in a collective whose peer is gone).
+    """
+
+    def __init__(self, grace_seconds: float | None = None):
+        self.signal: int | None = None
+        self.grace_seconds = grace_seconds
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signal is None and self.grace_seconds is not None:
+            deadline = threading.Timer(self.grace_seconds, os._exit, (128 + signum,))
+            deadline.daemon = True  # never keeps a finished process alive
+            deadline.start()
+        self.signal = signum
 
 
 class Trainer:
@@ -235,52 +237,55 @@ class Trainer:
     (the DDP wrapper for 02), `raw_model` the plain module that is saved.
     """
 
-    def __init__(self, args, cfg: dict, device: torch.device, raw_model: nn.Module, train_model: nn.Module,
-                 optimizer: torch.optim.Optimizer, train_windows: TokenWindows, val_windows: TokenWindows,
-                 meter: ThroughputMeter, rank: int = 0, world_size: int = 1, checkpoint_path: Path | None = None,
+    def __init__(self, settings: TrainSettings, cfg: dict, device: torch.device, raw_model: nn.Module,
+                 train_model: nn.Module, optimizer: torch.optim.Optimizer, train_windows: TokenWindows,
+                 val_windows: TokenWindows, meter: ThroughputMeter, rank: int = 0, world_size: int = 1,
                  all_reduce_mean=None, gather=None):
-        self.args, self.cfg, self.device = args, cfg, device
+        self.settings, self.cfg, self.device = settings, cfg, device
         self.raw_model, self.train_model, self.optimizer = raw_model, train_model, optimizer
         self.train_windows, self.val_windows, self.meter = train_windows, val_windows, meter
         self.rank, self.world_size = rank, world_size
-        self.checkpoint_path = checkpoint_path
+        self.checkpoint_path = settings.checkpoint_path
         self.all_reduce_mean = all_reduce_mean or (lambda t: t)
         self.gather = gather or (lambda obj: [obj])
-        self.micro_batches = args.grad_accum_steps * world_size
-        self.tokens_per_step = args.batch_size * cfg["context_length"] * self.micro_batches
-        steps_per_epoch = train_windows.steps_per_epoch(args.batch_size * self.micro_batches)
+        self.micro_batches = settings.grad_accum_steps * world_size
+        self.global_batch = settings.batch_size * self.micro_batches
+        self.tokens_per_step = self.global_batch * cfg["context_length"]
+        steps_per_epoch = train_windows.steps_per_epoch(self.global_batch)
         if steps_per_epoch == 0:
             raise ValueError(
                 f"The training split has {train_windows.num_windows} windows of {cfg['context_length']} tokens, "
-                f"fewer than one global batch of {args.batch_size * self.micro_batches}; use a smaller "
+                f"fewer than one global batch of {self.global_batch}; use a smaller "
                 "--batch-size/--grad-accum-steps/--context-length or a longer text.")
         # The schedule spans all epochs; --max-steps only stops early (a resumed run continues it).
-        self.schedule_steps = steps_per_epoch * args.num_epochs
-        self.total_steps = min(self.schedule_steps, args.max_steps or self.schedule_steps)
-        self.warmup = int(args.lr_warmup_frac * self.schedule_steps)
+        self.schedule_steps = steps_per_epoch * settings.num_epochs
+        self.total_steps = min(self.schedule_steps, settings.max_steps or self.schedule_steps)
+        self.warmup = int(settings.lr_warmup_frac * self.schedule_steps)
         self.step = 0
+        self.stopped_by: int | None = None
         self.train_losses: list[float] = []
         self.val_losses: list[tuple[int, float]] = []
 
     def checkpoint(self) -> dict:
         return {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "config": self.cfg, "global_batch": self.args.batch_size * self.micro_batches,
+                "config": self.cfg, "global_batch": self.global_batch,
                 "step": self.step, "train_losses": self.train_losses,
                 "val_losses": [list(v) for v in self.val_losses]}
 
     def save(self) -> None:
         """Rank 0 writes the checkpoint; the RNG states of every rank go into it (for dropout)."""
+        if self.checkpoint_path is None:
+            return
         rng_states = self.gather(get_rng_states())
-        if self.rank == 0 and self.checkpoint_path is not None:
+        if self.rank == 0:
             save_checkpoint_atomic({**self.checkpoint(), "rng": rng_states}, self.checkpoint_path)
 
     def resume(self) -> None:
         ckpt = load_checkpoint(self.checkpoint_path, map_location=self.device)
-        global_batch = self.args.batch_size * self.micro_batches
-        if ckpt["config"] != self.cfg or ckpt["global_batch"] != global_batch:
+        if ckpt["config"] != self.cfg or ckpt["global_batch"] != self.global_batch:
             raise ValueError(f"{self.checkpoint_path} was trained with config {ckpt['config']} and a global batch "
-                             f"of {ckpt['global_batch']} windows, not {self.cfg} and {global_batch}; use the same "
-                             "settings or another --output-dir.")
+                             f"of {ckpt['global_batch']} windows, not {self.cfg} and {self.global_batch}; use the "
+                             "same settings or another --output-dir.")
         if len(ckpt["rng"]) != self.world_size:
             raise ValueError(f"{self.checkpoint_path} was written by {len(ckpt['rng'])} process(es), this run has "
                              f"{self.world_size}; resume with the same number of processes.")
@@ -293,31 +298,32 @@ class Trainer:
 
     def train_step(self) -> float:
         """One optimizer step over the global batch; returns its mean loss over all ranks."""
-        args, device = self.args, self.device
-        lr = lr_at_step(self.step, self.schedule_steps, args.lr, self.warmup, 0.0, args.lr * args.min_lr_ratio)
+        settings, device = self.settings, self.device
+        lr = lr_at_step(self.step, self.schedule_steps, settings.lr, self.warmup, 0.0,
+                        settings.lr * settings.min_lr_ratio)
         apply_lr(self.optimizer, lr)
         loss_sum = torch.zeros((), device=device)
-        accum = args.grad_accum_steps
+        accum = settings.grad_accum_steps
         for a in range(accum):
-            x, y = self.train_windows.micro_batch(self.step, self.rank * accum + a, args.batch_size,
+            x, y = self.train_windows.micro_batch(self.step, self.rank * accum + a, settings.batch_size,
                                                   self.micro_batches)
-            x, y = to_device(x, args.pin_memory, device), to_device(y, args.pin_memory, device)
+            x, y = to_device(x, settings.pin_memory, device), to_device(y, settings.pin_memory, device)
             # Under DDP, gradients are averaged across ranks only on the last micro-batch.
-            last = a == accum - 1
-            sync = nullcontext() if last or not hasattr(self.train_model, "no_sync") else self.train_model.no_sync()
-            with sync:
-                loss = micro_batch_loss(self.train_model, x, y, args, device)
+            defer_sync = a < accum - 1 and isinstance(self.train_model, DistributedDataParallel)
+            with self.train_model.no_sync() if defer_sync else nullcontext():
+                loss = micro_batch_loss(self.train_model, x, y, settings, device)
                 (loss / accum).backward()
             loss_sum += loss.detach()
         self.optimizer.step()
         # Freed gradients must be allocated again by the next backward pass. A GPU's caching
         # allocator makes that free; on a CPU, tensors this large go back to the operating
         # system and come back page by page, so keeping them and zeroing in place is faster.
-        self.optimizer.zero_grad(set_to_none=not args.keep_grad_buffers)
+        self.optimizer.zero_grad(set_to_none=not settings.keep_grad_buffers)
         return self.all_reduce_mean(loss_sum / accum).item()
 
-    def run(self, print_fn=print, progress_bar: bool = True) -> None:
-        args = self.args
+    def run(self, print_fn=print, progress_bar: bool = True, stop: StopRequest | None = None) -> None:
+        """Train up to `total_steps`; a signal caught by `stop` ends the run early, after a save."""
+        settings = self.settings
         steps = range(self.step, self.total_steps)
         if progress_bar and self.rank == 0:
             from tqdm.auto import tqdm
@@ -326,66 +332,88 @@ class Trainer:
             self.meter.start()
             loss = self.train_step()
             self.meter.stop(self.tokens_per_step)
+            if not math.isfinite(loss):
+                raise TrainingDiverged(f"The training loss became {loss} at step {self.step + 1}; that step was not "
+                                       f"saved ({self.checkpoint_path} keeps the last good one, if any). Lower --lr.")
             self.train_losses.append(loss)
             self.step += 1
-            if args.eval_iter and (self.step % args.eval_freq == 0 or self.step == self.total_steps):
-                val_loss = evaluate_val_loss(self.eval_model, self.val_windows, args, self.device)
+            if settings.eval_iter and (self.step % settings.eval_freq == 0 or self.step == self.total_steps):
+                val_loss = evaluate_val_loss(self.eval_model, self.val_windows, settings, self.device)
                 self.val_losses.append((self.step, val_loss))
                 if self.rank == 0:
                     print_fn(f"Step {self.step:06d}: train loss {loss:.3f}, val loss {val_loss:.3f}")
-            if args.checkpoint_every and self.step % args.checkpoint_every == 0:
+            if settings.checkpoint_every and self.step % settings.checkpoint_every == 0:
                 self.save()
+            if stop is not None and self._any_rank_stops(stop):
+                self.stopped_by = stop.signal or signal.SIGTERM
+                break
         self.save()
+
+    def _any_rank_stops(self, stop: StopRequest) -> bool:
+        """All ranks must stop after the same step (the save is collective): agree on it."""
+        flag = torch.tensor(float(stop.signal is not None), device=self.device)
+        return self.all_reduce_mean(flag).item() > 0
 
     @property
     def eval_model(self) -> nn.Module:
         """The (compiled) model without the DDP wrapper: evaluation needs no gradient sync."""
         model = self.train_model
-        return model.module if hasattr(model, "no_sync") else model
+        return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def make_trainer(args: argparse.Namespace, cfg: dict, device: torch.device, token_path: Path, rank: int = 0,
-                 world_size: int = 1, wrap=None, all_reduce_mean=None, gather=None) -> Trainer:
-    """Model, optimizer, data and meter as the switches in `args` ask; `wrap` adds DDP."""
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
-    raw_model = build_model(cfg, mask_on_the_fly=args.mask_on_the_fly, sdpa=args.sdpa,
-                            native_ops=args.native_ops, pad_vocab=args.pad_vocab).to(device)
-    if args.pure_bf16:
+def make_trainer(settings: TrainSettings, cfg: dict, device: torch.device, token_path: Path, rank: int = 0,
+                 world_size: int = 1, wrap=None, all_reduce_mean=None, gather=None,
+                 model: nn.Module | None = None) -> Trainer:
+    """Model, optimizer, data and meter as the switches in `settings` ask; `wrap` adds DDP.
+
+    `model` replaces the chapter's `GPTModel` built from `cfg` (the course's API passes
+    its own optimized model this way); the precision and compile switches still apply.
+    """
+    torch.manual_seed(settings.seed)  # the same initial weights on every rank
+    if model is None:
+        model = build_model(cfg, mask_on_the_fly=settings.mask_on_the_fly, sdpa=settings.sdpa,
+                            native_ops=settings.native_ops, pad_vocab=settings.pad_vocab)
+    raw_model = model.to(device)
+    if settings.pure_bf16:
         raw_model = raw_model.to(torch.bfloat16)
-    optimizer = build_optimizer(raw_model, args.lr, args.weight_decay, args.no_decay_bias_norm, args.fused_adamw)
-    model = torch.compile(raw_model, backend=args.compile_backend) if args.compile else raw_model
+    optimizer = build_optimizer(raw_model, settings.lr, settings.weight_decay, settings.no_decay_bias_norm,
+                                settings.fused_adamw)
+    train_model = torch.compile(raw_model, backend=settings.compile_backend) if settings.compile else raw_model
     if wrap is not None:
-        model = wrap(model)
+        train_model = wrap(train_model)
     train_tokens, val_tokens = split_tokens(load_tokens(token_path))
     ctx = cfg["context_length"]
-    if len(val_tokens) < args.batch_size * ctx + 1:
+    if len(val_tokens) < settings.batch_size * ctx + 1:
         raise ValueError(f"The validation split ({len(val_tokens):,} tokens) is shorter than one batch of "
-                         f"{args.batch_size} x {ctx} tokens; use a longer text or a smaller batch/context.")
-    trainer = Trainer(args, cfg, device, raw_model, model, optimizer,
-                      TokenWindows(train_tokens, ctx, args.seed), TokenWindows(val_tokens, ctx, args.seed),
-                      ThroughputMeter(args.warmup_steps, sync=lambda: synchronize(device)),
-                      rank=rank, world_size=world_size, checkpoint_path=args.output_dir / "checkpoint.pth",
-                      all_reduce_mean=all_reduce_mean, gather=gather)
-    torch.manual_seed(args.seed + 1000 * (rank + 1))  # dropout: different on each rank
-    if args.resume and trainer.checkpoint_path.exists():
+                         f"{settings.batch_size} x {ctx} tokens; use a longer text or a smaller batch/context.")
+    trainer = Trainer(settings, cfg, device, raw_model, train_model, optimizer,
+                      TokenWindows(train_tokens, ctx, settings.seed), TokenWindows(val_tokens, ctx, settings.seed),
+                      ThroughputMeter(settings.warmup_steps, sync=lambda: synchronize(device)),
+                      rank=rank, world_size=world_size, all_reduce_mean=all_reduce_mean, gather=gather)
+    torch.manual_seed(settings.seed + 1000 * (rank + 1))  # dropout: different on each rank
+    if settings.resume and trainer.checkpoint_path is not None and trainer.checkpoint_path.exists():
         trainer.resume()  # restores every RNG state too
         if rank == 0:
             print(f"Resuming from {trainer.checkpoint_path} at step {trainer.step}.")
     return trainer
 
 
-def finish_run(trainer: Trainer, args: argparse.Namespace, device: torch.device) -> dict:
+def finish_run(trainer: Trainer, settings: TrainSettings, device: torch.device) -> dict:
     """Print the throughput report and write losses.json, loss.png and (if asked) --metrics-json."""
-    report = throughput_report(trainer.meter, trainer.cfg, device, precision_of(args, device))
+    report = throughput_report(trainer.meter, trainer.cfg, device, precision_of(settings, device))
     report["tokens_per_step"] = trainer.tokens_per_step
     if trainer.rank != 0:
         return report
+    if trainer.stopped_by is not None:
+        print(f"Stopped by {signal.Signals(trainer.stopped_by).name} after step {trainer.step}; "
+              f"{trainer.checkpoint_path} is saved: continue with --resume.")
     print(format_report(report))
-    write_json_atomic({"train_losses": trainer.train_losses, "val_losses": trainer.val_losses},
-                      args.output_dir / "losses.json")
-    if args.metrics_json is not None:
-        write_json_atomic(report, args.metrics_json)
-    plot_step_losses(trainer.train_losses, trainer.val_losses, args.output_dir / "loss.png")
+    if settings.metrics_json is not None:
+        write_json_atomic(report, settings.metrics_json)
+    if settings.output_dir is not None:
+        write_json_atomic({"train_losses": trainer.train_losses, "val_losses": trainer.val_losses},
+                          settings.output_dir / "losses.json")
+        plot_step_losses(trainer.train_losses, trainer.val_losses, settings.output_dir / "loss.png")
     return report
 
 
@@ -402,9 +430,9 @@ def plot_step_losses(train_losses: list[float], val_losses: list, path: Path) ->
     ax.set_ylabel("Loss")
     ax.legend(loc="upper right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure_atomic(fig, path)
     plt.close(fig)
 
 
-def precision_of(args: argparse.Namespace, device: torch.device) -> str:
-    return precision_name(device, bf16=args.bf16 or args.pure_bf16, tf32=args.tf32)
+def precision_of(settings: TrainSettings, device: torch.device) -> str:
+    return precision_name(device, bf16=settings.bf16 or settings.pure_bf16, tf32=settings.tf32)

@@ -8,12 +8,12 @@ Three groups:
   and lets every DDP rank read only its own share of each global batch.
 * **Accounting**: FLOPs per token, a table of peak FLOP/s per device name, MFU, a
   throughput meter with synchronized timers, and peak memory.
-* **Command line**: options and checks that the three scripts have in common.
+* **Files**: JSON and PNG outputs written atomically.
+
+The settings of a run and the command line are in `speed_settings.py`.
 """
 
-import argparse
 import json
-import math
 import os
 import platform
 import resource
@@ -25,18 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from ch05_utils import DATA_DIR_ENV, cache_dir, fetch_verified, read_text_file
-from previous_chapters import GPT_CONFIG_124M, get_tokenizer
+from previous_chapters import get_tokenizer
 
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 TINYSHAKESPEARE_NAME = "tinyshakespeare.txt"
 
-MODEL_PRESETS = {
-    "124M": GPT_CONFIG_124M,
-    "small": {**GPT_CONFIG_124M, "emb_dim": 256, "n_heads": 4, "n_layers": 4},
-    "tiny": {**GPT_CONFIG_124M, "emb_dim": 32, "n_heads": 2, "n_layers": 2},
-}
-MAX_CONTEXT_LENGTH = 1024
 
 
 #####################################
@@ -56,17 +50,30 @@ def default_text_path() -> Path:
     return fetch_verified(TINYSHAKESPEARE_URL, cache_dir() / TINYSHAKESPEARE_NAME, TINYSHAKESPEARE_SHA256)
 
 
+def book_text_path(text_file: Path | None = None) -> Path:
+    """The text of the course's `main` functions: `text_file`, else `middlemarch.txt` in the
+    working directory if it is there (the file the course downloads), else `default_text_path()`."""
+    if text_file is not None:
+        return Path(text_file)
+    if Path("middlemarch.txt").is_file():
+        return Path("middlemarch.txt")
+    return default_text_path()
+
+
 def write_token_file(text_path: Path, token_path: Path) -> None:
     """Encode the text with GPT-2's tokenizer into a flat uint16 `.npy` file, atomically.
 
     GPT-2's 50,257 ids fit in 16 bits, half the size of int32. Written to a temporary
     name and renamed, so a reader never sees a half-written file.
     """
-    ids = get_tokenizer().encode(read_text_file(text_path), allowed_special={"<|endoftext|>"})
-    token_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = token_path.with_name(token_path.name + f".{os.getpid()}.tmp.npy")
-    np.save(tmp, np.asarray(ids, dtype=np.uint16))
-    os.replace(tmp, token_path)
+    ids = np.asarray(get_tokenizer().encode(read_text_file(text_path), allowed_special={"<|endoftext|>"}),
+                     dtype=np.uint16)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, ids)
+
+    _publish(token_path, write)
 
 
 def load_tokens(token_path: Path) -> np.ndarray:
@@ -310,10 +317,25 @@ def format_report(report: dict) -> str:
 
 
 def write_json_atomic(obj: dict, path: Path) -> None:
+    """Write JSON beside `path` under a name of this process, then rename it into place:
+    a reader (or a crash) never sees half a file, and two processes never share a temporary file."""
+    _publish(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))
+
+
+def save_figure_atomic(fig, path: Path) -> None:
+    """`fig.savefig` to a temporary file beside `path`, then rename: a killed run keeps the previous plot."""
+    _publish(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png"))
+
+
+def _publish(path: Path, write: Callable[[Path], object]) -> None:
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 2048,
@@ -336,74 +358,3 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float3
         repeats += 5
         elapsed = time.perf_counter() - start
     return 2 * size**3 * repeats / elapsed
-
-
-#####################################
-# Command line
-#####################################
-
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options every script of this folder has, with the same defaults."""
-    parser.add_argument("--text-file", type=Path, default=None,
-                        help=f"UTF-8 training text. Default: Tiny Shakespeare, downloaded once from "
-                             f"{TINYSHAKESPEARE_URL} and checked against its SHA-256, or taken from "
-                             f"${DATA_DIR_ENV}/{TINYSHAKESPEARE_NAME} if that variable is set.")
-    parser.add_argument("--model", choices=sorted(MODEL_PRESETS), default="124M", help="Model shape.")
-    parser.add_argument("--context-length", type=int, default=1024,
-                        help=f"Tokens per training window (at most {MAX_CONTEXT_LENGTH}).")
-    parser.add_argument("--drop-rate", type=float, default=0.1, help="Dropout rate.")
-    parser.add_argument("--batch-size", type=int, default=4, help="Windows per (micro-)batch.")
-    parser.add_argument("--num-epochs", type=int, default=1)
-    parser.add_argument("--max-steps", type=int, default=None,
-                        help="Stop after this many optimizer steps in total (the run can be resumed).")
-    parser.add_argument("--lr", type=float, default=4e-4, help="(Peak) AdamW learning rate.")
-    parser.add_argument("--weight-decay", type=float, default=0.1)
-    parser.add_argument("--eval-freq", type=int, default=50, help="Evaluate every N optimizer steps.")
-    parser.add_argument("--eval-iter", type=int, default=5,
-                        help="Validation batches per evaluation (0: none; 00_orig.py needs >= 1).")
-    parser.add_argument("--warmup-steps", type=int, default=2,
-                        help="Steps left out of the throughput figure (warm-up, compilation).")
-    parser.add_argument("--seed", type=int, default=123)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps.")
-    parser.add_argument("--output-dir", type=Path, default=Path("output"))
-    parser.add_argument("--checkpoint-every", type=int, default=0,
-                        help="Also save a checkpoint every N steps (0: only at the end).")
-    parser.add_argument("--resume", action="store_true",
-                        help="Continue from --output-dir/checkpoint.pth (starts fresh if there is none).")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="Start over even if --output-dir already holds a checkpoint.")
-    parser.add_argument("--metrics-json", type=Path, default=None,
-                        help="Also write the throughput figures to this JSON file (the benchmark reads it).")
-    parser.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
-
-
-def check_common_arguments(args: argparse.Namespace) -> None:
-    """Reject settings that cannot work, before any time is spent."""
-    positive = {"--batch-size": args.batch_size, "--num-epochs": args.num_epochs, "--eval-freq": args.eval_freq}
-    if args.max_steps is not None:
-        positive["--max-steps"] = args.max_steps
-    for name, value in positive.items():
-        if value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}.")
-    if not 1 <= args.context_length <= MAX_CONTEXT_LENGTH:
-        raise ValueError(f"--context-length must be between 1 and {MAX_CONTEXT_LENGTH}, got {args.context_length}.")
-    if not 0 <= args.drop_rate < 1:
-        raise ValueError(f"--drop-rate must be in [0, 1), got {args.drop_rate}.")
-    if not (args.lr > 0 and math.isfinite(args.lr)):
-        raise ValueError(f"--lr must be a positive number, got {args.lr}.")
-    if args.weight_decay < 0:
-        raise ValueError(f"--weight-decay must be >= 0, got {args.weight_decay}.")
-    if args.eval_iter < 0:
-        raise ValueError(f"--eval-iter must be >= 0, got {args.eval_iter}.")
-    if args.warmup_steps < 0:
-        raise ValueError(f"--warmup-steps must be >= 0, got {args.warmup_steps}.")
-    if args.resume and args.overwrite:
-        raise ValueError("--resume and --overwrite contradict each other; pick one.")
-    checkpoint = args.output_dir / "checkpoint.pth"
-    if checkpoint.exists() and not (args.resume or args.overwrite):
-        raise ValueError(f"{checkpoint} already exists: pass --resume to continue that run "
-                         "or --overwrite to start a new one.")
-
-
-def model_config(args: argparse.Namespace) -> dict:
-    return {**MODEL_PRESETS[args.model], "context_length": args.context_length, "drop_rate": args.drop_rate}

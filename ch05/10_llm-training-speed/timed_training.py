@@ -1,0 +1,83 @@
+"""The course's `train_model_simple_with_timing`: the chapter's training loop with a tokens/s meter.
+
+The loop itself is the chapter's `train_model_simple` (same batches, evaluations and
+samples, resumable); this module only times it and prints the course's progress line
+
+    Ep 1, Step 000015, Train: 6.201, Val: 6.152, Step tok/sec: 12545, Avg tok/sec: 12545
+
+"Step tok/sec" covers the steps since the previous line, "Avg tok/sec" all steps so far.
+Both come from `ThroughputMeter`: synchronized timers, the first `warmup_steps` steps
+and every step that also evaluated or generated a sample left out (the course's meter
+instead skips only the first interval and counts the evaluation time).
+"""
+
+import torch
+from previous_chapters import TrainProgress, train_model_simple
+from speed_utils import ThroughputMeter, synchronize
+
+
+class _StopTraining(Exception):
+    """Raised from the step callback to leave the chapter's loop early (a signal arrived)."""
+
+
+def train_model_simple_with_timing(model, train_loader, val_loader, optimizer, device, num_epochs, eval_freq,
+                                   eval_iter, start_context, tokenizer, *, warmup_steps: int = 1,
+                                   progress: TrainProgress | None = None, max_steps: int | None = None,
+                                   on_step=None, should_stop=None, meter: ThroughputMeter | None = None,
+                                   progress_bar: bool = False, print_fn=print, is_main_process: bool = True):
+    """Train as the chapter does and print the course's tokens/s lines; returns
+    (train_losses, val_losses, track_tokens_seen), as the course's function does.
+
+    Keyword-only extras: `progress`/`max_steps`/`on_step` as in `train_model_simple`
+    (resuming, early stop, checkpoints); `should_stop()` is asked after every step and
+    ends the run early when it returns True; `meter` lets the caller read the figures
+    afterwards; `is_main_process=False` silences the printing (DDP ranks other than 0).
+    """
+    progress = progress if progress is not None else TrainProgress()
+    meter = meter or ThroughputMeter(warmup_steps, sync=lambda: synchronize(device))
+    last = {"tokens": 0, "seconds": 0.0, "lines": len(progress.train_losses), "tokens_seen": progress.tokens_seen}
+
+    def log(line: str) -> None:
+        """The chapter's loop prints evaluations and samples; evaluations get the course's format."""
+        if not is_main_process:
+            return
+        if len(progress.train_losses) == last["lines"]:  # a generated sample
+            print_fn(line)
+            return
+        interval_tokens = meter.measured_tokens - last["tokens"]
+        interval_seconds = meter.measured_seconds - last["seconds"]
+        last.update(tokens=meter.measured_tokens, seconds=meter.measured_seconds, lines=len(progress.train_losses))
+        step_tps = interval_tokens / interval_seconds if interval_seconds > 0 else 0
+        print_fn(f"Ep {progress.epoch + 1}, Step {progress.global_step:06d}, "
+                 f"Train: {progress.train_losses[-1]:.3f}, Val: {progress.val_losses[-1]:.3f}, "
+                 f"Step tok/sec: {round(step_tps)}, Avg tok/sec: {round(meter.tokens_per_s or 0)}")
+
+    def step_done(progress: TrainProgress) -> None:
+        evaluated = progress.global_step % eval_freq == 0
+        sampled = progress.batches_done == 0  # an epoch ended and a sample was generated
+        meter.stop(progress.tokens_seen - last["tokens_seen"], discard=evaluated or sampled)
+        last["tokens_seen"] = progress.tokens_seen
+        if sampled and is_main_process:
+            print_memory(device, print_fn)
+        if on_step is not None:
+            on_step(progress)
+        if should_stop is not None and should_stop():
+            raise _StopTraining
+        meter.start()
+
+    meter.start()
+    try:
+        train_model_simple(model, train_loader, val_loader, optimizer, device, num_epochs=num_epochs,
+                           eval_freq=eval_freq, eval_iter=eval_iter, start_context=start_context,
+                           tokenizer=tokenizer, progress=progress, max_steps=max_steps, on_step=step_done,
+                           print_fn=log, progress_bar=progress_bar)
+    except _StopTraining:
+        pass
+    return progress.train_losses, progress.val_losses, progress.track_tokens_seen
+
+
+def print_memory(device: torch.device, print_fn=print) -> None:
+    """The course's memory lines after each epoch (CUDA only: what the caching allocator holds)."""
+    if device.type == "cuda":
+        print_fn(f"\nAllocated memory: {torch.cuda.memory_allocated(device) / 1024**3:.4f} GB")
+        print_fn(f"Reserved memory: {torch.cuda.memory_reserved(device) / 1024**3:.4f} GB\n")
