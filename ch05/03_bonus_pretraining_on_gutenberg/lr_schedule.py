@@ -13,8 +13,9 @@ Three small changes that make pretraining steadier (appendix D of the course):
   exceeds `max_grad_norm`, scale every gradient down by the same factor. The update's
   direction is kept, only a rare huge step is shortened.
 
-This file is the canonical copy; `scripts/sync_shared_code.py` copies it into the
-folders that use it (`03_bonus_pretraining_on_gutenberg`, and others).
+Shared file. The canonical copy is ch05/04_learning_rate_schedulers/lr_schedule.py;
+`make sync` (scripts/sync_shared_code.py) overwrites the copies in the other ch05
+folders with it, so edit the canonical file, never a copy.
 """
 
 import math
@@ -85,10 +86,16 @@ def clip_gradients(model: torch.nn.Module, max_grad_norm: float | None) -> torch
     return torch.nn.utils.clip_grad_norm_(model.parameters(), limit)
 
 
-def train_model(model, train_loader, val_loader, optimizer, device, n_epochs, eval_freq, eval_iter,
-                start_context, tokenizer, warmup_steps, initial_lr=3e-05, min_lr=1e-6, max_grad_norm=1.0,
-                track_grad_norms: list | None = None, print_fn=print):
+def train_model(model: torch.nn.Module, train_loader, val_loader, optimizer: torch.optim.Optimizer,
+                device: torch.device | str, n_epochs: int, eval_freq: int, eval_iter: int,
+                start_context: str | None, tokenizer, warmup_steps: int, initial_lr: float = 3e-05,
+                min_lr: float = 1e-6, *, max_grad_norm: float | None = 1.0,
+                track_grad_norms: list | None = None, print_fn=print) -> tuple[list, list, list, list]:
     """The chapter's training loop with linear warm-up, cosine decay and gradient clipping.
+
+    The signature up to `min_lr` is the book's (appendix D); what this version adds
+    (`max_grad_norm`, `track_grad_norms`, `print_fn`) is keyword-only, and the defaults
+    give the book's behaviour.
 
     The peak learning rate is the one the optimizer was created with. The run is
     `len(train_loader) * n_epochs` steps long; `lr_at_step` gives the rate of each step.
