@@ -227,8 +227,6 @@ def test_previous_chapters_exports_what_the_books_notebooks_import():
     assert {"generate", "text_to_token_ids", "token_ids_to_text"} <= set(dir(previous_chapters))
 
 
-@pytest.mark.xfail(strict=True, reason="previous_chapters.text_to_token_ids passes allowed_special to every "
-                                       "tokenizer; requested from the lead (notes/requests-llama07.md)")
 def test_text_to_token_ids_with_llama_tokenizers(tmp_path, full_size_ranks_file):
     from previous_chapters import text_to_token_ids, token_ids_to_text
 
