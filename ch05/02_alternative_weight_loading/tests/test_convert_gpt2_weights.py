@@ -16,6 +16,7 @@ from convert_gpt2_weights import (
     detect_format,
     gpt_to_hf_state_dict,
     hf_to_gpt_state_dict,
+    load_any,
     load_hf,
     load_openai,
     load_pth,
@@ -105,15 +106,21 @@ def test_openai_to_hf_to_pth_through_the_command_line(hf_reference, token_ids, t
     assert (our_logits(model, token_ids) - hf_logits(hf_model, token_ids)).abs().max() < TOL
 
 
-def test_bare_state_dict_with_legacy_masks(hf_reference, token_ids, tmp_path):
-    """The course's older .pth files are bare state dicts that include the causal masks."""
+@pytest.mark.parametrize("masks", ["float (the book's)", "bool", "none (older files of ours)"])
+def test_bare_state_dict_with_or_without_masks(masks, hf_reference, token_ids, tmp_path):
+    """The book's model.pth holds float masks; older files of ours held bool masks or none."""
     hf_model, root = hf_reference
     state_dict, cfg = load_hf(root / "hf")
-    legacy = dict(state_dict)
     for i in range(cfg["n_layers"]):
-        legacy[f"trf_blocks.{i}.att.mask"] = torch.triu(torch.ones(64, 64), diagonal=1).bool()
-    torch.save(legacy, tmp_path / "legacy.pth")
-    loaded, inferred = load_pth(tmp_path / "legacy.pth", n_heads=4)
+        mask = torch.triu(torch.ones(64, 64), diagonal=1)
+        if masks == "bool":
+            state_dict[f"trf_blocks.{i}.att.mask"] = mask.bool()
+        elif masks.startswith("none"):
+            del state_dict[f"trf_blocks.{i}.att.mask"]
+        else:
+            assert torch.equal(state_dict[f"trf_blocks.{i}.att.mask"], mask)
+    torch.save(state_dict, tmp_path / "model.pth")
+    loaded, inferred = load_pth(tmp_path / "model.pth", n_heads=4)
     assert inferred == {**cfg, "drop_rate": 0.1}
     diff = (our_logits(build_gpt(loaded, inferred), token_ids) - hf_logits(hf_model, token_ids)).abs().max()
     assert diff < TOL
@@ -123,7 +130,7 @@ def test_bare_state_dict_of_unknown_width_needs_n_heads(hf_reference, tmp_path):
     _, root = hf_reference
     state_dict, _ = load_hf(root / "hf")
     torch.save(state_dict, tmp_path / "bare.pth")
-    with pytest.raises(WeightFormatError, match="--n-heads"):
+    with pytest.raises(WeightFormatError, match=r"bare.pth: .*n_heads / --n-heads"):
         load_pth(tmp_path / "bare.pth")
 
 
@@ -137,8 +144,8 @@ def trained_checkpoint(tmp_path_factory):
     import gpt_train
 
     out = tmp_path_factory.mktemp("train")
-    assert gpt_train.main(["--model", "tiny", "--max-steps", "3", "--output-dir", str(out), "--no-progress",
-                           "--eval-freq", "100", "--device", "cpu"]) == 0
+    assert gpt_train.cli(["--model", "tiny", "--max-steps", "3", "--output-dir", str(out), "--no-progress",
+                          "--eval-freq", "100", "--device", "cpu"]) == 0
     return out / "checkpoint.pth"
 
 
@@ -159,20 +166,22 @@ def test_export_then_import_is_exact(trained_checkpoint, tmp_path):
     save_hf(checkpoint["model"], checkpoint["config"], tmp_path)
     state_dict, cfg = load_hf(tmp_path)
     assert cfg == checkpoint["config"]
-    assert state_dict.keys() == checkpoint["model"].keys()
+    assert set(state_dict) == set(checkpoint["model"])
     for name, tensor in checkpoint["model"].items():
         assert torch.equal(state_dict[name], tensor), name
 
 
-def test_conversions_are_inverse_for_a_tied_model_with_biases():
+def test_conversions_are_inverse_for_a_head_equal_to_the_embedding():
+    """What the book's load_weights_into_gpt gives: the head is its own copy of the embedding."""
     cfg = {"vocab_size": 100, "context_length": 8, "emb_dim": 16, "n_heads": 2, "n_layers": 3,
            "drop_rate": 0.0, "qkv_bias": True}
     torch.manual_seed(0)
     model = GPTModel(cfg)
-    model.out_head.weight = model.tok_emb.weight
+    model.out_head.weight = torch.nn.Parameter(model.tok_emb.weight.detach().clone())
     hf = gpt_to_hf_state_dict(model.state_dict(), cfg)
-    assert "lm_head.weight" not in hf  # tied: config.json says so instead
+    assert "lm_head.weight" not in hf  # equal: tied in the export, config.json says so
     back = hf_to_gpt_state_dict(hf, cfg["n_layers"])
+    assert list(back) == list(model.state_dict())  # the book's keys, masks included, in the model's order
     for name, tensor in model.state_dict().items():
         assert torch.equal(back[name], tensor), name
 
@@ -255,10 +264,12 @@ def test_unexpected_key_in_our_state_dict_is_named(trained_checkpoint):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["no/such/file.pth", "out.pth"], "No .pth file"),
+    (["no/such/file.pth", "out.pth"], "No .pth file at no/such/file.pth"),
     (["./missing-folder", "out.pth"], "does not exist"),
     (["x.pth", "out"], "must be a .pth file"),
+    (["x.pth", "out.pth", "--to", "safetensors"], "must be a .safetensors file"),
     (["x.pth", "out.json", "--to", "hf"], "output is a folder"),
+    (["x.pth", "out.pth", "--n-heads", "0"], "--n-heads must be a positive number"),
 ])
 def test_command_line_errors_are_one_line(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -272,3 +283,182 @@ def test_help_runs(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     assert "Hugging Face" in capsys.readouterr().out
+
+
+#####################################
+# Formats: .safetensors in and out, the tied or untied head
+#####################################
+
+def test_safetensors_output_round_trip_with_config_in_metadata(hf_reference, token_ids, tmp_path):
+    hf_model, root = hf_reference
+    assert main([str(root / "hf"), str(tmp_path / "gpt2.safetensors"), "--to", "safetensors"]) == 0
+    state_dict, cfg = load_any(str(tmp_path / "gpt2.safetensors"))
+    assert cfg["n_heads"] == 4  # from the metadata: the width 48 alone would not tell
+    assert (our_logits(build_gpt(state_dict, cfg), token_ids) - hf_logits(hf_model, token_ids)).abs().max() < TOL
+
+
+def test_hub_style_safetensors_file_without_config(hf_reference, token_ids, tmp_path):
+    """A model.safetensors downloaded on its own (Hugging Face names, no config.json)."""
+    hf_model, root = hf_reference
+    (tmp_path / "model-gpt2.safetensors").write_bytes((root / "hf" / "model.safetensors").read_bytes())
+    state_dict, cfg = load_any(str(tmp_path / "model-gpt2.safetensors"), n_heads=4)
+    assert (our_logits(build_gpt(state_dict, cfg), token_ids) - hf_logits(hf_model, token_ids)).abs().max() < TOL
+
+
+@pytest.mark.parametrize("head", ["equal to the embedding", "trained on its own"])
+def test_export_ties_the_head_only_when_equal_and_says_so(head, hf_reference, token_ids, tmp_path, capsys):
+    from transformers import GPT2LMHeadModel
+
+    hf_model, root = hf_reference
+    state_dict, cfg = load_hf(root / "hf")
+    if head == "trained on its own":
+        state_dict["out_head.weight"] = state_dict["out_head.weight"] + 0.01
+    torch.save({"model": state_dict, "config": cfg}, tmp_path / "in.pth")
+    assert main([str(tmp_path / "in.pth"), str(tmp_path / "out"), "--to", "hf"]) == 0
+    out = capsys.readouterr().out
+    exported = GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
+    tied = head == "equal to the embedding"
+    assert exported.config.tie_word_embeddings == tied
+    assert ("ties them" in out) == tied and ("tie_word_embeddings: false" in out) == (not tied)
+    ours = our_logits(build_gpt(state_dict, cfg), token_ids)
+    assert (ours - hf_logits(exported, token_ids)).abs().max() < TOL
+
+
+#####################################
+# Faults: one line naming the file, nothing half-written
+#####################################
+
+def _truncate(src, dst):
+    data = src.read_bytes()
+    dst.write_bytes(data[: len(data) // 2])
+
+
+def _pth(tmp_path, root, damage):
+    state_dict, cfg = load_hf(root / "hf")
+    damage(state_dict)
+    torch.save({"model": state_dict, "config": cfg}, tmp_path / "in.pth")
+
+
+def _hf_folder(tmp_path, root, damage):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).write_bytes((root / "hf" / name).read_bytes())
+    damage(folder)
+
+
+def _non_causal_mask(sd):
+    sd["trf_blocks.1.att.mask"] = torch.zeros(64, 64)
+
+
+INPUT_FAULTS = {
+    "truncated pth": ("in.pth", lambda t, r: _truncate(r / "legacy.pth", t / "in.pth"),
+                      "in.pth is not a readable PyTorch checkpoint"),
+    "garbage pth": ("in.pth", lambda t, r: (t / "in.pth").write_bytes(b"PK\x03\x04 not really" * 50),
+                    "in.pth is not a readable PyTorch checkpoint"),
+    "foreign pth": ("in.pth", lambda t, r: torch.save({"optimizer_state_dict": {"lr": 0.1}}, t / "in.pth"),
+                    "in.pth holds no model state dict"),
+    "missing tensor": ("in.pth", lambda t, r: _pth(t, r, lambda sd: sd.pop("trf_blocks.0.norm2.shift")),
+                       "Missing tensor 'trf_blocks.0.norm2.shift'"),
+    "mis-shaped tensor": ("in.pth", lambda t, r: _pth(t, r, lambda sd: sd.update(
+        {"trf_blocks.1.ff.layers.0.bias": torch.zeros(7)})), "'trf_blocks.1.ff.layers.0.bias' has shape (7,)"),
+    "non-causal mask": ("in.pth", lambda t, r: _pth(t, r, _non_causal_mask), "is not a causal mask"),
+    "truncated safetensors": ("in.safetensors", lambda t, r: _truncate(r / "hf" / "model.safetensors",
+                                                                      t / "in.safetensors"),
+                              "in.safetensors is not a complete safetensors file"),
+    "foreign safetensors": ("in.safetensors", lambda t, r: save_file({"model.embed_tokens.weight": torch.zeros(4, 2)},
+                                                                     t / "in.safetensors"),
+                            "holds neither GPTModel's tensors"),
+    "truncated config.json": ("in", lambda t, r: _hf_folder(t, r, lambda f: _truncate(f / "config.json",
+                                                                                      f / "config.json")),
+                              "config.json is not valid JSON"),
+    "truncated model.safetensors": ("in", lambda t, r: _hf_folder(t, r, lambda f: _truncate(
+        f / "model.safetensors", f / "model.safetensors")), "model.safetensors is not a complete safetensors file"),
+    "foreign config.json": ("in", lambda t, r: _hf_folder(t, r, lambda f: (f / "config.json").write_text(
+        json.dumps({"model_type": "llama", "vocab_size": 32000}))), "config.json: config.json describes a 'llama'"),
+}
+
+
+@pytest.fixture(scope="module")
+def legacy_pth(hf_reference):
+    """A complete .pth of the tiny model (bare state dict), to damage."""
+    _, root = hf_reference
+    state_dict, _ = load_hf(root / "hf")
+    torch.save(state_dict, root / "legacy.pth")
+    return root / "legacy.pth"
+
+
+@pytest.mark.parametrize("fault", sorted(INPUT_FAULTS))
+def test_damaged_or_foreign_input_is_one_line(fault, hf_reference, legacy_pth, tmp_path, capsys):
+    _, root = hf_reference
+    name, write, message = INPUT_FAULTS[fault]
+    write(tmp_path, root)
+    assert main([str(tmp_path / name), str(tmp_path / "out.pth"), "--n-heads", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert message in err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out")) == []  # nothing written
+
+
+def test_unreachable_hub_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # an empty cache
+    assert main(["openai-community/gpt2", str(tmp_path / "out.pth")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: Could not get config.json of openai-community/gpt2") and err.count("\n") == 1
+
+
+def test_existing_output_needs_overwrite(hf_reference, tmp_path, capsys):
+    _, root = hf_reference
+    (tmp_path / "out.pth").write_bytes(b"someone's file")
+    assert main([str(root / "hf"), str(tmp_path / "out.pth")]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "out.pth").read_bytes() == b"someone's file"
+    assert main([str(root / "hf"), str(tmp_path / "out.pth"), "--overwrite"]) == 0
+    assert "model" in torch.load(tmp_path / "out.pth", weights_only=True)
+
+
+def test_output_folder_that_does_not_exist_is_refused_before_reading(tmp_path, capsys):
+    assert main(["never-read.pth", str(tmp_path / "missing" / "out.pth")]) == 2
+    assert "does not exist or is not writable" in capsys.readouterr().err
+
+
+def test_second_conversion_to_the_same_output_is_refused(hf_reference, tmp_path, capsys):
+    from ch05_utils import RunLock
+
+    _, root = hf_reference
+    with RunLock(tmp_path, ".out.pth.convert.lock"):
+        assert main([str(root / "hf"), str(tmp_path / "out.pth")]) == 2
+    assert "is in use by a running job" in capsys.readouterr().err
+    assert not (tmp_path / "out.pth").exists()
+
+
+def test_interrupted_export_leaves_no_folder_and_no_temporary_files(hf_reference, tmp_path, capsys, monkeypatch):
+    """Ctrl-C (or SIGTERM) while the second file of a Hugging Face export is written."""
+    import convert_gpt2_weights
+
+    _, root = hf_reference
+    real_publish = convert_gpt2_weights.publish_atomic
+
+    def publish_then_interrupt(path, write):
+        if path.name == "config.json":
+            raise KeyboardInterrupt
+        return real_publish(path, write)
+
+    monkeypatch.setattr(convert_gpt2_weights, "publish_atomic", publish_then_interrupt)
+    assert main([str(root / "hf"), str(tmp_path / "export"), "--to", "hf"]) == 130
+    assert "Interrupted" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no export folder, no temporary folder, no lock file
+
+
+def test_sigterm_is_handled_like_ctrl_c(hf_reference, tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    import convert_gpt2_weights
+
+    _, root = hf_reference
+    monkeypatch.setattr(convert_gpt2_weights, "build_gpt",
+                        lambda *a: os.kill(os.getpid(), signal.SIGTERM))  # arrives while converting
+    assert main([str(root / "hf"), str(tmp_path / "out.pth")]) == 130
+    assert not (tmp_path / "out.pth").exists()
