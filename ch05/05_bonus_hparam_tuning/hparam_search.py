@@ -1,10 +1,16 @@
 """Search the pretraining hyperparameters of chapter 5's GPT model: grid, random search
 or successive halving, resumable and in parallel.
 
-    python hparam_search.py                                   # 16 random configurations of the course's space
-    python hparam_search.py --strategy grid --space my_space.json
-    python hparam_search.py --strategy halving --n-trials 27 --budget-tokens 2000000
-    python hparam_search.py --estimate --strategy grid        # what the full course grid would cost here
+    python hparam_search.py                        # the course's search: its 12,960-point grid, 124M model
+    python hparam_search.py --estimate             # what that search would cost on this machine
+    python hparam_search.py --preset laptop        # 16 random configurations of the same space, tiny model
+    python hparam_search.py --strategy grid --space my_space.json --model tiny
+    python hparam_search.py --preset laptop --strategy halving --n-trials 27 --budget-tokens 2000000
+
+With no flags the script runs the course's search (`--preset course`): every point of
+HPARAM_GRID, the course's model shape, the course's 95/5 split of the-verdict and its
+training loop (`train_model`). `--preset laptop` picks settings a laptop can finish;
+any flag given explicitly overrides its preset.
 
 Every finished trial is appended as one JSON line to a ledger (--output-dir/ledger.jsonl)
 under a hash of everything that determines its result (hyperparameters, model shape,
@@ -17,6 +23,9 @@ A search space is a JSON object that maps hyperparameter names to a list of valu
 (`{"peak_lr": [0.0005, 0.001], "batch_size": [4, 8]}`) or, for random search and
 successive halving, to a distribution (`{"peak_lr": {"log_uniform": [1e-4, 5e-3]}}`,
 also `uniform` and `int_uniform`). Hyperparameters it leaves out keep DEFAULT_HPARAMS.
+
+The course's functions are here with the course's signatures: `train_model`,
+`calc_loss_batch`, `calc_loss_loader`, `evaluate_model` and the grid `HPARAM_GRID`.
 """
 
 import argparse
@@ -27,27 +36,38 @@ import math
 import multiprocessing
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from ch05_utils import calc_loss_batch, get_device, read_text_file, set_seed, the_verdict_path
+from ch05_utils import (  # noqa: F401  (calc_loss_loader: the course's hparam_search defines it too)
+    calc_loss_batch,
+    calc_loss_loader,
+    evaluate_model,
+    get_device,
+    read_text_file,
+    set_seed,
+    the_verdict_path,
+)
 from lr_schedule import apply_lr, clip_gradients, lr_at_step
 from previous_chapters import GPT_CONFIG_124M, GPTDatasetV1, GPTModel, get_tokenizer
 from torch.utils.data import DataLoader, TensorDataset
 
-try:  # a lock on the ledger while appending; not available on Windows, where appends go unlocked
+try:  # locks on the ledger and the output folder; not available on Windows, where they are skipped
     import fcntl
 except ImportError:  # pragma: no cover
     fcntl = None
 
-# The course's grid (ch05/05_bonus_hparam_tuning in the book's repository): 12,960 runs.
-COURSE_SPACE = {
+# The course's grid (ch05/05_bonus_hparam_tuning/hparam_search.py in the book's repository): 12,960 runs.
+HPARAM_GRID = {
     "batch_size": [2, 4, 8, 16],
     "drop_rate": [0.0, 0.1, 0.2],
     "warmup_iters": [10, 20, 30],
@@ -68,16 +88,26 @@ DEFAULT_HPARAMS = {
     "min_lr": 0.000001,
     "n_epochs": 10,
 }
-# name -> (integer?, smallest allowed value, whether that value itself is allowed, largest allowed or None)
+
+
+@dataclass(frozen=True)
+class HparamRule:
+    """The values a hyperparameter may take: `low` <= value (< `high`, if given)."""
+    integer: bool               # a whole number (batch size, steps, epochs)
+    low: float                  # the smallest allowed value ...
+    low_allowed: bool = True    # ... or, if False, the bound that values must exceed
+    high: float | None = None   # values must stay below this (None: no upper bound)
+
+
 HPARAM_RULES = {
-    "batch_size": (True, 1, True, None),
-    "drop_rate": (False, 0.0, True, 1.0),
-    "warmup_iters": (True, 0, True, None),
-    "weight_decay": (False, 0.0, True, None),
-    "peak_lr": (False, 0.0, False, None),
-    "initial_lr": (False, 0.0, True, None),
-    "min_lr": (False, 0.0, True, None),
-    "n_epochs": (True, 1, True, None),
+    "batch_size": HparamRule(integer=True, low=1),
+    "drop_rate": HparamRule(integer=False, low=0.0, high=1.0),
+    "warmup_iters": HparamRule(integer=True, low=0),
+    "weight_decay": HparamRule(integer=False, low=0.0),
+    "peak_lr": HparamRule(integer=False, low=0.0, low_allowed=False),
+    "initial_lr": HparamRule(integer=False, low=0.0),
+    "min_lr": HparamRule(integer=False, low=0.0),
+    "n_epochs": HparamRule(integer=True, low=1),
 }
 DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform")
 MODEL_PRESETS = {
@@ -85,16 +115,89 @@ MODEL_PRESETS = {
     "small": {**GPT_CONFIG_124M, "context_length": 64, "emb_dim": 128, "n_heads": 4, "n_layers": 2},
     "124M": GPT_CONFIG_124M,  # the course's model shape (context 256)
 }
+# The settings that --preset fills in when their flags are not given.
+SEARCH_PRESETS = {
+    # The course's search. Its 5% validation split of the-verdict is one 256-token window.
+    "course": {"strategy": "grid", "model": "124M", "train_ratio": 0.95, "min_val_windows": 1},
+    # A search a laptop's CPU finishes in about a quarter of an hour.
+    "laptop": {"strategy": "random", "model": "tiny", "train_ratio": 0.9, "min_val_windows": 2},
+}
+# Part of every trial's ledger key. 2: the course's step counting (see `course_lr`) and its
+# shuffling from torch's global generator; records of version 1 (steps counted from 0) are rerun.
+TRIAL_PROTOCOL = 2
 MAX_GRAD_NORM = 1.0
 TRAIN_EVAL_WINDOWS = 32  # fixed training windows whose loss is reported as train_loss
 EVAL_BATCH_SIZE = 8
 MAX_LINE_VALUES = 8  # the plot joins the best loss per value for hyperparameters with at most this many values
 LEDGER_NAME = "ledger.jsonl"
 PLOT_NAME = "val_loss_vs_hparams.png"
+LOCK_NAME = "hparam_search.lock"
+PARENT_POLL_SECONDS = 0.5  # how often a worker checks that the search process still runs
 
 
 class SpaceError(ValueError):
     """A search-space specification that cannot be searched."""
+
+
+#####################################
+# The course's training functions
+#####################################
+
+def course_lr(global_step: int, total_steps: int, peak_lr: float, warmup_iters: int, initial_lr: float,
+              min_lr: float) -> float:
+    """The learning rate of step `global_step` of the course's `train_model`, counted from 1.
+
+    The course's loop raises the rate linearly from `initial_lr` and reaches the peak *at*
+    step `warmup_iters`; then it decays along half a cosine to `min_lr` at the last step.
+    That is `lr_at_step` (steps counted from 0, peak at step `warmup_steps`) evaluated at
+    `global_step`. A run shorter than its warm-up stays on the rising line, as the course's
+    does: the horizon passed to `lr_at_step` is then the end of warm-up, not of the run.
+    """
+    horizon = max(total_steps, warmup_iters + 1)
+    return lr_at_step(global_step, horizon, peak_lr, warmup_iters, initial_lr, min_lr)
+
+
+def train_steps(model: torch.nn.Module, train_loader, optimizer: torch.optim.Optimizer, device: torch.device,
+                total_steps: int, warmup_iters: int, initial_lr: float, min_lr: float) -> tuple[int, int]:
+    """Run `total_steps` optimizer steps over `train_loader`, epoch after epoch, the course's way.
+
+    Each step sets the rate from `course_lr` (the peak is the optimizer's rate) and clips
+    the gradients to norm 1 from step `warmup_iters` on. Both the course's `train_model`
+    and this script's trials train with this loop. Returns (steps, tokens trained on).
+    """
+    peak_lr = optimizer.param_groups[0]["lr"]
+    step = tokens = 0
+    model.train()
+    while step < total_steps:
+        epoch_start = step
+        for input_batch, target_batch in train_loader:
+            optimizer.zero_grad()
+            step += 1
+            apply_lr(optimizer, course_lr(step, total_steps, peak_lr, warmup_iters, initial_lr, min_lr))
+            loss = calc_loss_batch(input_batch, target_batch, model, device)
+            loss.backward()
+            clip_gradients(model, MAX_GRAD_NORM if step >= warmup_iters else None)
+            optimizer.step()
+            tokens += input_batch.numel()
+            if step == total_steps:
+                break
+        if step == epoch_start:
+            raise ValueError("The training loader gave no batch: there is nothing to train on.")
+    return step, tokens
+
+
+def train_model(model: torch.nn.Module, train_loader, val_loader, optimizer: torch.optim.Optimizer,
+                device: torch.device | str, n_epochs: int, eval_iter: int, warmup_iters: int = 10,
+                initial_lr: float = 3e-05, min_lr: float = 1e-6) -> tuple[float, float]:
+    """The course's `train_model`: `n_epochs` epochs with linear warm-up, cosine decay and
+    gradient clipping, then (train_loss, val_loss) over the first `eval_iter` batches.
+
+    The peak learning rate is the optimizer's. The steps are this script's own trial loop
+    (`train_steps`), so the book's call and the command line train identically.
+    """
+    train_steps(model, train_loader, optimizer, device, len(train_loader) * n_epochs, warmup_iters,
+                initial_lr, min_lr)
+    return evaluate_model(model, train_loader, val_loader, device, eval_iter)
 
 
 #####################################
@@ -104,26 +207,54 @@ class SpaceError(ValueError):
 def load_space(spec: str) -> dict:
     """'course' (the book's grid) or the path of a JSON file with a search space."""
     if spec == "course":
-        return dict(COURSE_SPACE)
+        return dict(HPARAM_GRID)
     path = Path(spec)
     if not path.is_file():
         raise SpaceError(f"--space {spec!r} is neither 'course' nor an existing JSON file.")
     try:
         space = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise SpaceError(f"{path} is not valid JSON ({err}).") from None
     return space
 
 
 def _check_value(name: str, value) -> None:
-    is_int, low, low_ok, high = HPARAM_RULES[name]
+    rule = HPARAM_RULES[name]
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise SpaceError(f"{name}: {value!r} is not a number.")
-    if is_int and not (isinstance(value, int) or float(value).is_integer()):
+    if not math.isfinite(value):
+        raise SpaceError(f"{name} must be a finite number, got {value!r}.")
+    if rule.integer and not float(value).is_integer():
         raise SpaceError(f"{name} must be a whole number, got {value!r}.")
-    if value < low or (value == low and not low_ok) or (high is not None and value >= high):
-        bound = f"{'>=' if low_ok else '>'} {low}" + (f" and < {high}" if high is not None else "")
+    too_low = value < rule.low or (value == rule.low and not rule.low_allowed)
+    if too_low or (rule.high is not None and value >= rule.high):
+        upper = f" and < {rule.high}" if rule.high is not None else ""
+        bound = f"{'>=' if rule.low_allowed else '>'} {rule.low}{upper}"
         raise SpaceError(f"{name} must be {bound}, got {value!r}.")
+
+
+def _normal_distribution(name: str, values: dict, strategy: str) -> dict:
+    """A distribution entry of a space, checked: {kind: [low, high]}."""
+    if strategy == "grid":
+        raise SpaceError(f"{name}: grid search needs a list of values, not a distribution "
+                         f"({values}); list the values or use --strategy random or halving.")
+    if len(values) != 1 or next(iter(values)) not in DISTRIBUTIONS:
+        raise SpaceError(f"{name}: a distribution is one of {{\"{'|'.join(DISTRIBUTIONS)}\": [low, high]}}, "
+                         f"got {values}.")
+    kind, bounds = next(iter(values.items()))
+    if not isinstance(bounds, list) or len(bounds) != 2:
+        raise SpaceError(f"{name}: {kind} needs [low, high], got {bounds!r}.")
+    for bound in bounds:
+        _check_value(name, bound)
+    if bounds[0] > bounds[1]:
+        raise SpaceError(f"{name}: {kind} bounds are reversed ({bounds[0]} > {bounds[1]}).")
+    if kind == "log_uniform" and bounds[0] <= 0:
+        raise SpaceError(f"{name}: log_uniform needs a positive lower bound, got {bounds[0]}.")
+    if HPARAM_RULES[name].integer and kind != "int_uniform":
+        raise SpaceError(f"{name} is a whole number: use int_uniform or a list, not {kind}.")
+    if kind == "int_uniform" and not HPARAM_RULES[name].integer:
+        raise SpaceError(f"{name} is not a whole number: use uniform or log_uniform, not int_uniform.")
+    return {kind: list(bounds)}
 
 
 def validate_space(space, strategy: str) -> dict:
@@ -141,26 +272,7 @@ def validate_space(space, strategy: str) -> dict:
     normal = {}
     for name, values in space.items():
         if isinstance(values, dict):
-            if strategy == "grid":
-                raise SpaceError(f"{name}: grid search needs a list of values, not a distribution "
-                                 f"({values}); list the values or use --strategy random or halving.")
-            if len(values) != 1 or next(iter(values)) not in DISTRIBUTIONS:
-                raise SpaceError(f"{name}: a distribution is one of {{\"{'|'.join(DISTRIBUTIONS)}\": [low, high]}}, "
-                                 f"got {values}.")
-            kind, bounds = next(iter(values.items()))
-            if not isinstance(bounds, list) or len(bounds) != 2:
-                raise SpaceError(f"{name}: {kind} needs [low, high], got {bounds!r}.")
-            for bound in bounds:
-                _check_value(name, bound)
-            if bounds[0] > bounds[1]:
-                raise SpaceError(f"{name}: {kind} bounds are reversed ({bounds[0]} > {bounds[1]}).")
-            if kind == "log_uniform" and bounds[0] <= 0:
-                raise SpaceError(f"{name}: log_uniform needs a positive lower bound, got {bounds[0]}.")
-            if HPARAM_RULES[name][0] and kind != "int_uniform":
-                raise SpaceError(f"{name} is a whole number: use int_uniform or a list, not {kind}.")
-            if kind == "int_uniform" and not HPARAM_RULES[name][0]:
-                raise SpaceError(f"{name} is not a whole number: use uniform or log_uniform, not int_uniform.")
-            normal[name] = {kind: list(bounds)}
+            normal[name] = _normal_distribution(name, values, strategy)
             continue
         values = values if isinstance(values, list) else [values]
         if not values:
@@ -169,7 +281,7 @@ def validate_space(space, strategy: str) -> dict:
             _check_value(name, value)
         if len(set(values)) != len(values):
             raise SpaceError(f"{name}: the values {values} repeat; each configuration would run twice.")
-        normal[name] = [int(v) if HPARAM_RULES[name][0] else v for v in values]
+        normal[name] = [int(v) if HPARAM_RULES[name].integer else v for v in values]
     return normal
 
 
@@ -293,7 +405,8 @@ class SearchData:
 def prepare_data(text: str, context_length: int, train_ratio: float, min_val_windows: int = 2,
                  train_windows: int | None = None) -> SearchData:
     """Split `text` like the chapter does (by characters at `train_ratio`) and cut each
-    part into non-overlapping windows of `context_length` tokens.
+    part into non-overlapping windows of `context_length` tokens, as the course's
+    `create_dataloader_v1(..., stride=context_length)` does.
 
     `train_windows` keeps only the first that many training windows: every epoch, and
     so every trial, gets cheaper, at the price of ranking on less data.
@@ -315,8 +428,8 @@ def prepare_data(text: str, context_length: int, train_ratio: float, min_val_win
     if n_val < min_val_windows:
         raise ValueError(
             f"The validation split holds {n_val} window(s) of {context_length} tokens, fewer than "
-            f"{min_val_windows}: one short sequence is too noisy to rank configurations. Use a longer "
-            "text, a smaller --train-ratio or a model with a shorter context."
+            f"{min_val_windows} (--min-val-windows). Use a longer text, a smaller --train-ratio or a model "
+            "with a shorter context."
         )
     fingerprint = hashlib.sha256(f"{train_ratio}|{context_length}|{train_windows}|{text}".encode()).hexdigest()[:16]
     return SearchData(*parts[0], *parts[1], fingerprint)
@@ -339,7 +452,7 @@ class Trial:
         if self.max_tokens is not None:
             hparams.pop("n_epochs", None)  # the token budget replaces the number of epochs
         identity = {"hparams": hparams, "model": MODEL_PRESETS[self.model], "seed": self.seed,
-                    "data": self.data, "max_tokens": self.max_tokens}
+                    "data": self.data, "max_tokens": self.max_tokens, "protocol": TRIAL_PROTOCOL}
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
     def total_steps(self, steps_per_epoch: int) -> int:
@@ -365,36 +478,22 @@ def mean_window_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torc
 def run_trial(trial: Trial, data: SearchData, device: torch.device) -> dict:
     """Train a fresh model with the trial's hyperparameters and return its ledger record.
 
-    The loop is the chapter's (AdamW, one step per batch) with the learning-rate
-    schedule of ../04_learning_rate_schedulers (linear warm-up, cosine decay) and
-    gradient clipping after warm-up. It counts steps rather than epochs so that
-    successive halving can give a trial an exact token budget.
+    The set-up is the course's: seed, model, AdamW at the peak rate, a loader that
+    shuffles from torch's global generator, and the course's loop (`train_steps`). The
+    losses are measured on fixed windows: `val_loss` on every validation window (the
+    course's `eval_iter=1` measures the first validation batch, which at the course's
+    split is the whole validation set) and `train_loss` on the first training windows
+    (the course's, on one random training batch, varies from trial to trial).
     """
     hp = trial.hparams
-    cfg = {**MODEL_PRESETS[trial.model], "drop_rate": hp["drop_rate"]}
     set_seed(trial.seed)
-    model = GPTModel(cfg).to(device)
+    model = GPTModel({**MODEL_PRESETS[trial.model], "drop_rate": hp["drop_rate"]}).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=hp["peak_lr"], weight_decay=hp["weight_decay"])
     loader = DataLoader(TensorDataset(data.train_inputs, data.train_targets), batch_size=hp["batch_size"],
-                        shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(trial.seed))
-    total_steps = trial.total_steps(len(loader))
-    warmup_steps = min(hp["warmup_iters"], total_steps)  # a run shorter than its warm-up is all warm-up
-    step = tokens = 0
+                        shuffle=True, drop_last=True)
     start = time.perf_counter()
-    model.train()
-    while step < total_steps:
-        for input_batch, target_batch in loader:
-            apply_lr(optimizer, lr_at_step(step, total_steps, hp["peak_lr"], warmup_steps,
-                                           hp["initial_lr"], hp["min_lr"]))
-            optimizer.zero_grad()
-            loss = calc_loss_batch(input_batch, target_batch, model, device)
-            loss.backward()
-            clip_gradients(model, MAX_GRAD_NORM if step >= warmup_steps else None)
-            optimizer.step()
-            step += 1
-            tokens += input_batch.numel()
-            if step == total_steps:
-                break
+    steps, tokens = train_steps(model, loader, optimizer, device, trial.total_steps(len(loader)),
+                                hp["warmup_iters"], hp["initial_lr"], hp["min_lr"])
     train_seconds = time.perf_counter() - start
     n_train = min(TRAIN_EVAL_WINDOWS, len(data.train_inputs))
     train_loss = mean_window_loss(model, data.train_inputs[:n_train], data.train_targets[:n_train], device)
@@ -404,7 +503,7 @@ def run_trial(trial: Trial, data: SearchData, device: torch.device) -> dict:
     return {
         "key": trial.key, "strategy": trial.strategy, "rung": trial.rung, "hparams": hp,
         "model": trial.model, "seed": trial.seed, "data": trial.data, "max_tokens": trial.max_tokens,
-        "steps": step, "warmup_steps": warmup_steps, "tokens": tokens,
+        "steps": steps, "warmup_steps": min(hp["warmup_iters"], steps), "tokens": tokens,
         "train_loss": train_loss if finite else None, "val_loss": val_loss if finite else None,
         "diverged": not finite, "val_windows": len(data.val_inputs), "seconds": round(seconds, 3),
         "train_seconds": round(train_seconds, 3),
@@ -413,8 +512,30 @@ def run_trial(trial: Trial, data: SearchData, device: torch.device) -> dict:
 
 
 #####################################
-# The ledger
+# The ledger and the lock on the output folder
 #####################################
+
+class LedgerError(ValueError):
+    """A ledger line that parses as JSON but is not a trial record."""
+
+
+# What every record must hold, and of which type: what resuming, budgets, the table and the plot read.
+RECORD_FIELDS = {"key": (str,), "hparams": (dict,), "val_loss": (int, float, type(None)),
+                 "train_loss": (int, float, type(None)), "tokens": (int,), "seconds": (int, float)}
+
+
+def record_problem(record) -> str | None:
+    """Why `record` (a parsed ledger line) is not a trial record, or None if it is one."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    for name, types in RECORD_FIELDS.items():
+        if name not in record:
+            return f"no {name!r} field"
+        if isinstance(record[name], bool) or not isinstance(record[name], types):
+            return f"{name!r} is {record[name]!r}"
+    bad = [n for n, v in record["hparams"].items() if isinstance(v, bool) or not isinstance(v, int | float)]
+    return f"hyperparameter {bad[0]!r} is not a number" if bad else None
+
 
 class Ledger:
     """An append-only JSON-lines file of finished trials.
@@ -422,6 +543,8 @@ class Ledger:
     Each record is written with one `write` call on a file opened for appending,
     under an exclusive lock, and flushed to disk: a line is either all there or, after
     a crash of the machine mid-write, an unparsable fragment that `records` skips.
+    A line that parses but is not a record means the file is not (only) a ledger of
+    this script, and is refused rather than guessed at.
     """
 
     def __init__(self, path: str | Path):
@@ -431,23 +554,30 @@ class Ledger:
         if not self.path.is_file():
             return []
         records, broken = [], 0
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                broken += 1
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    broken += 1
+                    continue
+                problem = record_problem(record)
+                if problem:
+                    raise LedgerError(f"{self.path} line {number} is not a trial record of hparam_search.py "
+                                      f"({problem}); remove that line or use another --output-dir.")
+                records.append(record)
         if broken:
-            print(f"warning: skipped {broken} unreadable line(s) in {self.path}; those trials will rerun.",
-                  file=sys.stderr)
+            print(f"warning: skipped {broken} unreadable line(s) in {self.path} (left by a crash mid-write); "
+                  "those trials will rerun.", file=sys.stderr)
         return records
 
     def completed(self) -> dict[str, dict]:
         """The first record of every trial key (a trial recorded twice counts once)."""
         done = {}
         for record in self.records():
-            done.setdefault(record.get("key"), record)
+            done.setdefault(record["key"], record)
         return done
 
     def append(self, record: dict) -> None:
@@ -470,6 +600,46 @@ class Ledger:
             os.close(fd)
 
 
+class FolderLock:
+    """An exclusive lock on an output folder, held while a search runs there.
+
+    The lock is an `flock` on a file in the folder, so the operating system releases
+    it when the process ends in any way (even `kill -9`): a stale lock cannot block the
+    next run. The file names the process that holds it, for the message a second
+    search prints. On a clean exit the file is removed again.
+    """
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / LOCK_NAME
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        if fcntl is None:  # pragma: no cover (Windows: no flock; searches are not guarded)
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise ValueError(f"{self.path.parent} is in use by another search ({holder}); wait for it to "
+                                 "finish or stop it, or use another --output-dir.") from None
+            if os.path.exists(self.path) and os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                break
+            os.close(fd)  # the holder removed the file between our open and lock: take the new one
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}, started {datetime.now(UTC).isoformat(timespec='seconds')}\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = None
+
+
 #####################################
 # Running trials, in parallel and within a budget
 #####################################
@@ -477,13 +647,39 @@ class Ledger:
 _WORKER: dict = {}
 
 
-def _init_worker(data: SearchData, device: str, threads: int) -> None:
+def _exit_with_parent(parent_pid: int) -> None:
+    """End this worker as soon as the search process that started it is gone.
+
+    A worker waits for its next trial on a pipe that its sibling workers also hold open,
+    so it would never notice a parent killed with `kill -9` and would wait forever. A
+    daemon thread checks every PARENT_POLL_SECONDS whether the parent changed (an orphan
+    is adopted by another process) and then ends the process at once, mid-trial or not.
+    """
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _init_worker(data: SearchData, device: str, threads: int, parent_pid: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the search process's to handle: it stops us
+    _exit_with_parent(parent_pid)
     torch.set_num_threads(threads)
     _WORKER.update(data=data, device=torch.device(device))
 
 
 def _run_in_worker(trial: Trial) -> dict:
     return run_trial(trial, _WORKER["data"], _WORKER["device"])
+
+
+def _stop_workers() -> None:
+    """Terminate the worker processes now, instead of waiting for their trials to end."""
+    for process in multiprocessing.active_children():
+        process.terminate()
+    for process in multiprocessing.active_children():
+        process.join(timeout=10)
 
 
 @dataclass
@@ -501,6 +697,33 @@ class Budget:
         if self.tokens is not None and sum(r["tokens"] for r in spent.values()) >= self.tokens:
             return True
         return self.seconds is not None and sum(r["seconds"] for r in spent.values()) >= self.seconds
+
+
+def _run_parallel(pending: list[Trial], finish: Callable[[dict], None], data: SearchData, device: torch.device,
+                  workers: int, budget: Budget, spent: dict[str, dict]) -> None:
+    """Hand the trials to `workers` processes; `finish` each record as it arrives.
+
+    On any exception here (Ctrl-C, SIGTERM, a failed trial) the workers are terminated
+    before the pool shuts down, so nothing waits for a trial whose result is unwanted.
+    """
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_worker, initargs=(data, str(device), threads, os.getpid()))
+    try:
+        running = set()
+        while pending or running:
+            while pending and len(running) < workers and not budget.exhausted(spent):
+                running.add(pool.submit(_run_in_worker, pending.pop()))
+            if not running:
+                break
+            finished, running = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                finish(future.result())
+    except BaseException:
+        _stop_workers()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def execute(trials: list[Trial], ledger: Ledger, data: SearchData, device: torch.device, workers: int,
@@ -536,18 +759,7 @@ def execute(trials: list[Trial], ledger: Ledger, data: SearchData, device: torch
             while pending and not budget.exhausted(spent):
                 finish(run_trial(pending.pop(), data, device))
         else:
-            threads = max(1, (os.cpu_count() or 1) // workers)
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                     initializer=_init_worker, initargs=(data, str(device), threads)) as pool:
-                running = set()
-                while pending or running:
-                    while pending and len(running) < workers and not budget.exhausted(spent):
-                        running.add(pool.submit(_run_in_worker, pending.pop()))
-                    if not running:
-                        break
-                    finished, running = wait(running, return_when=FIRST_COMPLETED)
-                    for future in finished:
-                        finish(future.result())
+            _run_parallel(pending, finish, data, device, workers, budget, spent)
     finally:
         bar.close()
     if len(results) < len({t.key for t in trials}):
@@ -618,8 +830,10 @@ def plot_val_loss(records: list[dict], path: str | Path) -> Path:
     fig.suptitle(f"Validation loss of {len(ok)} trial(s)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    partial = path.with_name(f".{path.name}.partial")  # written beside, then renamed: never half a PNG
+    fig.savefig(partial, dpi=110, bbox_inches="tight", format="png")
     plt.close(fig)
+    os.replace(partial, path)
     return path
 
 
@@ -658,34 +872,46 @@ def estimate_cost(configs: list[dict], data: SearchData, model: str, device: tor
 # Command line
 #####################################
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: stop the workers, keep the ledger, exit."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Search pretraining hyperparameters (grid, random search or successive halving); "
-                    "resumable from a JSON-lines ledger.",
+                    "resumable from a JSON-lines ledger. Without flags: the course's grid search.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    parser.add_argument("--preset", choices=list(SEARCH_PRESETS), default="course",
+                        help="Defaults for --strategy, --model, --train-ratio and --min-val-windows: 'course' "
+                             "(grid, 124M, 0.95, 1: the course's search) or 'laptop' (random, tiny, 0.9, 2).")
     parser.add_argument("--space", default="course",
-                        help="'course' (the book's 12,960-point grid) or a JSON file with a search space.")
-    parser.add_argument("--strategy", choices=["grid", "random", "halving"], default="random",
+                        help="'course' (the book's 12,960-point HPARAM_GRID) or a JSON file with a search space.")
+    parser.add_argument("--strategy", choices=["grid", "random", "halving"], default=argparse.SUPPRESS,
                         help="grid: every combination; random: --n-trials samples; halving: successive "
-                             "halving of --n-trials samples within --budget-tokens.")
+                             "halving of --n-trials samples within --budget-tokens. Default: from --preset.")
     parser.add_argument("--n-trials", type=int, default=16, help="Configurations drawn for random and halving.")
     parser.add_argument("--eta", type=int, default=3, help="Halving keeps the best 1/eta of each rung.")
     parser.add_argument("--budget-tokens", type=int, default=None,
                         help="Training tokens for the whole search (required for halving; grid and random "
                              "stop starting trials once spent).")
     parser.add_argument("--budget-seconds", type=float, default=None,
-                        help="Summed trial training time after which no new trial starts.")
-    parser.add_argument("--model", choices=list(MODEL_PRESETS), default="tiny",
-                        help="Model shape of every trial (124M is the course's).")
+                        help="Summed trial time after which no new trial starts.")
+    parser.add_argument("--model", choices=list(MODEL_PRESETS), default=argparse.SUPPRESS,
+                        help="Model shape of every trial (124M is the course's). Default: from --preset.")
     parser.add_argument("--text-file", type=Path, default=None,
                         help="UTF-8 training text. Default: the-verdict.txt (from $CH05_DATA_DIR if set, "
                              "else downloaded once and checked against its SHA-256).")
-    parser.add_argument("--train-ratio", type=float, default=0.9, help="Share of the text used for training.")
+    parser.add_argument("--train-ratio", type=float, default=argparse.SUPPRESS,
+                        help="Share of the text used for training. Default: from --preset.")
     parser.add_argument("--train-windows", type=int, default=None,
                         help="Train on only the first N windows of the training split (cheaper trials).")
-    parser.add_argument("--min-val-windows", type=int, default=2,
-                        help="Refuse a validation split with fewer windows than this.")
+    parser.add_argument("--min-val-windows", type=int, default=argparse.SUPPRESS,
+                        help="Refuse a validation split with fewer windows than this. Default: from --preset.")
     parser.add_argument("--seed", type=int, default=123, help="Seeds every trial, and the random sampling.")
     parser.add_argument("--workers", type=int, default=1, help="Trials run in parallel processes.")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps.")
@@ -699,20 +925,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, with the ones not given filled in from --preset."""
+    args = build_parser().parse_args(argv)
+    for name, value in SEARCH_PRESETS[args.preset].items():
+        if not hasattr(args, name):
+            setattr(args, name, value)
+    return args
+
+
 def check_args(args: argparse.Namespace) -> None:
-    for name in ("n_trials", "workers", "top_k", "min_val_windows", "estimate_steps"):
+    """Refuse out-of-range numbers before any work, naming the flag."""
+    for name in ("n_trials", "top_k", "min_val_windows", "estimate_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
+    cores = os.cpu_count() or 1
+    if not 1 <= args.workers <= cores:
+        raise ValueError(f"--workers must be between 1 and the number of CPU cores here ({cores}), "
+                         f"got {args.workers}.")
+    if not (math.isfinite(args.train_ratio) and 0 < args.train_ratio < 1):
+        raise ValueError(f"--train-ratio must be between 0 and 1, got {args.train_ratio}.")
+    if not 0 <= args.seed < 2**32:
+        raise ValueError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}.")
+    if args.eta < 2:
+        raise ValueError(f"--eta must be at least 2, got {args.eta}.")
     if args.train_windows is not None and args.train_windows < 1:
         raise ValueError(f"--train-windows must be at least 1, got {args.train_windows}.")
     if args.budget_tokens is not None and args.budget_tokens < 1:
         raise ValueError(f"--budget-tokens must be positive, got {args.budget_tokens}.")
-    if args.budget_seconds is not None and args.budget_seconds <= 0:
-        raise ValueError(f"--budget-seconds must be positive, got {args.budget_seconds}.")
+    if args.budget_seconds is not None and not (math.isfinite(args.budget_seconds) and args.budget_seconds > 0):
+        raise ValueError(f"--budget-seconds must be a positive number (leave it out for no limit), "
+                         f"got {args.budget_seconds}.")
     if args.strategy == "halving" and args.budget_tokens is None:
         raise ValueError("--strategy halving needs --budget-tokens: the rungs split that budget.")
-    if args.strategy == "halving" and args.eta < 2:
-        raise ValueError(f"--eta must be at least 2, got {args.eta}.")
 
 
 def make_configs(args: argparse.Namespace, space: dict) -> list[dict]:
@@ -736,8 +981,31 @@ def check_batch_sizes(configs: list[dict], data: SearchData) -> None:
                          f"{len(data.train_inputs)}; use smaller batch sizes, a longer text or more --train-windows.")
 
 
-def run_halving(args, configs, data, device, ledger, budget) -> tuple[list[dict], list[dict]]:
-    """Successive halving; returns the records of the last rung that finished, and of all rungs."""
+def prepare_search(args: argparse.Namespace) -> tuple[dict, list[dict], torch.device, SearchData]:
+    """Everything a search needs before its first trial, each step checking its input."""
+    check_args(args)
+    space = validate_space(load_space(args.space), args.strategy)
+    configs = make_configs(args, space)
+    device = get_device(args.device)
+    text = read_text_file(args.text_file or the_verdict_path())
+    data = prepare_data(text, MODEL_PRESETS[args.model]["context_length"], args.train_ratio,
+                        args.min_val_windows, args.train_windows)
+    check_batch_sizes(configs, data)
+    return space, configs, device, data
+
+
+def print_estimate(args: argparse.Namespace, configs: list[dict], data: SearchData, device: torch.device) -> None:
+    cost = estimate_cost(configs, data, args.model, device, args.seed, args.estimate_steps)
+    for batch_size, seconds in cost["seconds_per_step"].items():
+        print(f"  batch_size {batch_size:>3}: {seconds * 1000:.1f} ms/step, "
+              f"{cost['steps_per_epoch'][batch_size]} steps/epoch")
+    print(f"  evaluation: {cost['eval_seconds']:.1f} s per trial")
+    print(f"Estimated cost: {cost['trials']:,} trials x {cost['mean_seconds_per_trial']:.1f} s on average = "
+          f"{cost['total_seconds'] / 3600:.1f} hours on one process ({device}).")
+
+
+def run_halving(args, configs, data, device, ledger, budget, spent) -> list[dict]:
+    """Successive halving; returns the records of the last rung that finished (all rungs go into `spent`)."""
     rungs = halving_rungs(len(configs), args.budget_tokens, args.eta)
     ctx = MODEL_PRESETS[args.model]["context_length"]
     smallest = rungs[0][1] // (max(c["batch_size"] for c in configs) * ctx)
@@ -746,7 +1014,6 @@ def run_halving(args, configs, data, device, ledger, budget) -> tuple[list[dict]
                          f"trials {rungs[0][1]:,} tokens, less than one batch; raise the budget or lower --n-trials.")
     print("Successive halving: " + ", then ".join(f"{n} trial(s) x {t:,} tokens" for n, t in rungs))
     last: list[dict] = []
-    spent: dict[str, dict] = {}
 
     def run_rung(survivors: list[dict], tokens: int, rung: int) -> list[float | None] | None:
         nonlocal last
@@ -762,65 +1029,85 @@ def run_halving(args, configs, data, device, ledger, budget) -> tuple[list[dict]
         best = min(_sort_loss(v) for v in entry["losses"])
         print(f"Rung {entry['rung']}: {len(entry['configs'])} trial(s) x {entry['tokens']:,} tokens, "
               f"best val loss {best:.3f}, promoted {len(entry['promoted'])}.")
-    return last, list(spent.values())
+    return last
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        check_args(args)
-        space = validate_space(load_space(args.space), args.strategy)
-        configs = make_configs(args, space)
-        device = get_device(args.device)
-        text = read_text_file(args.text_file or the_verdict_path())
-        data = prepare_data(text, MODEL_PRESETS[args.model]["context_length"], args.train_ratio,
-                            args.min_val_windows, args.train_windows)
-        check_batch_sizes(configs, data)
-    except (ValueError, FileNotFoundError, ConnectionError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def print_best(records: list[dict], top_k: int, which: str = "") -> None:
+    """The course's closing lines (best hyperparameters and losses), then our table."""
+    best = min(records, key=lambda r: _sort_loss(r["val_loss"]))
+    print(f"Best hyperparameters: {best['hparams']}")
+    print(f"Best Val loss: {best['val_loss']} | Training loss {best['train_loss']}")
+    print(f"\nBest of {len(records)} trial(s) {which}by validation loss:")
+    print(summary_table(records, top_k))
 
-    finite = all(isinstance(v, list) for v in space.values())
-    size = f"{grid_size(space):,} grid points" if finite else "with continuous ranges"
-    print(f"Search space: {', '.join(space)} ({size}); {args.strategy} search over "
-          f"{len(configs):,} configuration(s); model {args.model}; {len(data.val_inputs)} validation windows.")
-    if args.estimate:
-        cost = estimate_cost(configs, data, args.model, device, args.seed, args.estimate_steps)
-        for batch_size, seconds in cost["seconds_per_step"].items():
-            print(f"  batch_size {batch_size:>3}: {seconds * 1000:.1f} ms/step, "
-                  f"{cost['steps_per_epoch'][batch_size]} steps/epoch")
-        print(f"  evaluation: {cost['eval_seconds']:.1f} s per trial")
-        print(f"Estimated cost: {cost['trials']:,} trials x {cost['mean_seconds_per_trial']:.1f} s on average = "
-              f"{cost['total_seconds'] / 3600:.1f} hours on one process ({device}).")
-        return 0
 
+def run_search(args: argparse.Namespace, configs: list[dict], data: SearchData, device: torch.device) -> int:
+    """Run the trials the ledger lacks, then report; returns the exit code."""
     ledger = Ledger(args.output_dir / LEDGER_NAME)
     budget = Budget(args.budget_tokens if args.strategy != "halving" else None, args.budget_seconds)
+    spent: dict[str, dict] = {}
     start = time.perf_counter()
     try:
         if args.strategy == "halving":
-            records, all_records = run_halving(args, configs, data, device, ledger, budget)
+            records = run_halving(args, configs, data, device, ledger, budget, spent)
         else:
             trials = [Trial(c, args.model, args.seed, data.fingerprint, strategy=args.strategy) for c in configs]
-            spent: dict[str, dict] = {}
             execute(trials, ledger, data, device, args.workers, budget, spent, not args.no_progress)
-            records = all_records = list(spent.values())
-    except ValueError as err:  # e.g. the schedule rejecting a configuration
+            records = list(spent.values())
+    except KeyboardInterrupt as stop:
+        what = "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C"
+        print(f"\nStopped by {what}. The finished trials are in {ledger.path}: run the same command to continue.")
+        if spent:
+            print_best(list(spent.values()), args.top_k)
+        return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
+    except BrokenProcessPool:
+        print(f"error: a worker process died (out of memory?); the finished trials are in {ledger.path}. "
+              "Rerun with fewer --workers.", file=sys.stderr)
+        return 1
+    except ValueError as err:  # a ledger that is not ours, the schedule rejecting a configuration
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"\nInterrupted. The finished trials are in {ledger.path}: run the same command to continue.")
-        return 130
     print(f"Search took {time.perf_counter() - start:.1f} s in this session.")
     if not records:
         print("No finished trials yet.")
         return 0
-    which = "in the last rung " if args.strategy == "halving" else ""
-    print(f"\nBest of {len(records)} trial(s) {which}by validation loss:")
-    print(summary_table(records, args.top_k))
-    path = plot_val_loss(all_records, args.output_dir / PLOT_NAME)
+    print_best(records, args.top_k, "in the last rung " if args.strategy == "halving" else "")
+    path = plot_val_loss(list(spent.values()), args.output_dir / PLOT_NAME)
     print(f"\nLedger: {ledger.path}\nPlot: {path}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        space, configs, device, data = prepare_search(args)
+    except (ValueError, OSError, ConnectionError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finite = all(isinstance(v, list) for v in space.values())
+    size = f"{grid_size(space):,} grid points" if finite else "with continuous ranges"
+    if args.strategy == "grid":
+        print(f"Total hyperparameter configurations: {len(configs)}")
+    print(f"Search space: {', '.join(space)} ({size}); {args.strategy} search over "
+          f"{len(configs):,} configuration(s); model {args.model}; {len(data.val_inputs)} validation windows.")
+    if args.estimate:
+        print_estimate(args, configs, data, device)
+        return 0
+    lock = FolderLock(args.output_dir)
+    try:
+        lock.acquire()
+    except OSError as err:
+        print(f"error: cannot use --output-dir {args.output_dir}: {err.strerror or err}.", file=sys.stderr)
+        return 2
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return run_search(args, configs, data, device)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        lock.release()
 
 
 if __name__ == "__main__":

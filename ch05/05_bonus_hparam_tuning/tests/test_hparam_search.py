@@ -14,8 +14,8 @@ import pytest
 import torch
 from ch05_utils import read_text_file, the_verdict_path
 from hparam_search import (
-    COURSE_SPACE,
     DEFAULT_HPARAMS,
+    HPARAM_GRID,
     Ledger,
     SpaceError,
     Trial,
@@ -33,7 +33,7 @@ from hparam_search import (
 FOLDER = Path(__file__).resolve().parent.parent
 # A search small enough for a test: 4 training windows of 32 tokens, batch size 4,
 # one epoch, so every trial is one optimizer step of the tiny model.
-TINY_RUN = ["--train-windows", "4", "--no-progress"]
+TINY_RUN = ["--preset", "laptop", "--train-windows", "4", "--no-progress"]
 TINY_SPACE = {"batch_size": [4], "n_epochs": [1], "warmup_iters": [0], "peak_lr": [0.001, 0.005]}
 
 
@@ -52,11 +52,11 @@ def ledger_lines(path: Path) -> list[dict]:
 #####################################
 
 def test_course_grid_has_every_combination():
-    space = validate_space(COURSE_SPACE, "grid")
+    space = validate_space(HPARAM_GRID, "grid")
     configs = grid_configs(space)
     assert grid_size(space) == len(configs) == 4 * 3 * 3 * 3 * 4 * 2 * 3 * 5 == 12_960
     assert len({json.dumps(c, sort_keys=True) for c in configs}) == len(configs)
-    assert {c["peak_lr"] for c in configs} == set(COURSE_SPACE["peak_lr"])
+    assert {c["peak_lr"] for c in configs} == set(HPARAM_GRID["peak_lr"])
 
 
 def test_a_small_space_counts_its_values_and_keeps_the_defaults():
@@ -80,6 +80,8 @@ def test_a_small_space_counts_its_values_and_keeps_the_defaults():
     ({"peak_lr": {"log_uniform": [1e-2, 1e-4]}}, "random", "bounds are reversed"),
     ({"batch_size": {"uniform": [2, 16]}}, "random", "batch_size is a whole number: use int_uniform"),
     ([0.001], "grid", "must be a non-empty JSON object"),
+    ({"peak_lr": [0.001, math.nan]}, "grid", "peak_lr must be a finite number, got nan"),
+    ({"peak_lr": {"log_uniform": [1e-4, math.inf]}}, "random", "peak_lr must be a finite number, got inf"),
 ])
 def test_invalid_spaces_are_rejected_with_a_clear_message(space, strategy, message):
     with pytest.raises(SpaceError) as err:
@@ -187,17 +189,23 @@ def test_parallel_appends_keep_every_line_whole(tmp_path):
     assert sorted(r["key"] for r in records) == sorted(f"{w}-{i}" for w in range(4) for i in range(40))
 
 
+def record(key: str, **extra) -> dict:
+    """A minimal ledger record: what resuming, budgets, the table and the plot read."""
+    return {"key": key, "hparams": {"peak_lr": 0.001}, "val_loss": 7.0, "train_loss": 7.1, "tokens": 128,
+            "seconds": 1.0, **extra}
+
+
 def test_a_fragment_left_by_a_crash_is_skipped_and_does_not_spoil_the_next_record(tmp_path, capsys):
     path = tmp_path / "ledger.jsonl"
     ledger = Ledger(path)
-    ledger.append({"key": "a"})
+    ledger.append(record("a"))
     with open(path, "a") as f:
         f.write('{"key": "b", "val_')  # what a power cut mid-write could leave
-    ledger.append({"key": "c"})
+    ledger.append(record("c"))
     assert [r["key"] for r in ledger.records()] == ["a", "c"]
     assert "skipped 1 unreadable line" in capsys.readouterr().err
-    ledger.append({"key": "a", "duplicate": True})
-    assert ledger.completed()["a"] == {"key": "a"}  # a trial recorded twice counts once
+    ledger.append(record("a", duplicate=True))
+    assert ledger.completed()["a"] == record("a")  # a trial recorded twice counts once
 
 
 #####################################
@@ -255,14 +263,35 @@ def test_successive_halving_search_trains_the_rungs_within_the_budget(tmp_path, 
     assert "Best of 2 trial(s) in the last rung" in printed
 
 
-def test_a_search_killed_midway_and_restarted_records_every_trial_once(tmp_path):
-    """SIGKILL the whole search (parent and --workers processes), then run it again
-    (in one process: the trial keys do not depend on the number of workers)."""
-    out = tmp_path / "killed"
+def _children(pid: int) -> list[int]:
+    """The live (not zombie) child processes of `pid`, read from /proc."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+            if int(ppid) == pid and state != "Z":
+                children.append(int(entry.name))
+    return children
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _start_parallel_search(tmp_path: Path, out: Path, n_trials: int = 40) -> tuple[subprocess.Popen, list, list[int]]:
+    """A --workers 2 search, returned once it has finished two trials, with its command and workers."""
     ledger = out / "ledger.jsonl"
     space = write_space(tmp_path, {**TINY_SPACE, "peak_lr": {"log_uniform": [1e-4, 1e-2]}})
-    command = [sys.executable, str(FOLDER / "hparam_search.py"), "--strategy", "random", "--n-trials", "6",
-               "--space", space, "--workers", "2", "--output-dir", str(out), *TINY_RUN]
+    command = [sys.executable, str(FOLDER / "hparam_search.py"), "--strategy", "random", "--n-trials",
+               str(n_trials), "--space", space, "--workers", "2", "--output-dir", str(out), *TINY_RUN]
     env = {**os.environ, "MPLBACKEND": "Agg"}
     search = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               start_new_session=True)
@@ -271,19 +300,147 @@ def test_a_search_killed_midway_and_restarted_records_every_trial_once(tmp_path)
         assert search.poll() is None, search.stdout.read().decode()
         assert time.monotonic() < deadline, "the search wrote no trial in time"
         time.sleep(0.05)
-    os.killpg(search.pid, signal.SIGKILL)
+    workers = _children(search.pid)
+    assert len(workers) >= 2, workers  # the two workers (and the resource tracker, if any)
+    return search, command, workers
+
+
+def _wait_until_gone(pids: list[int], seconds: float = 20) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [p for p in pids if _alive(p)]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads child processes from /proc")
+def test_sigkill_of_the_search_ends_its_workers_and_a_rerun_records_every_trial_once(tmp_path):
+    """`kill -9` of the search process alone: its workers must not live on, and running the
+    same command again (in one process: trial keys do not depend on the number of
+    workers) finishes the search with every trial in the ledger once."""
+    out = tmp_path / "killed"
+    search, command, workers = _start_parallel_search(tmp_path, out, n_trials=12)
+    os.kill(search.pid, signal.SIGKILL)
     search.wait()
+    try:
+        assert _wait_until_gone(workers) == [], "worker processes outlived the killed search"
+    finally:
+        for pid in workers:  # never leave a stray process behind, even when the test fails
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    ledger = out / "ledger.jsonl"
     before = ledger_lines(ledger)
-    assert 2 <= len(before) < 6, "the search finished before it could be killed"
+    assert 2 <= len(before) < 12, "the search finished before it could be killed"
 
     command[command.index("--workers") + 1] = "1"
-    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    finished = subprocess.run(command, env={**os.environ, "MPLBACKEND": "Agg"}, capture_output=True, text=True,
+                              timeout=300)
     assert finished.returncode == 0, finished.stderr
     assert f"{len(before)} already in" in finished.stdout
     after = ledger_lines(ledger)
     assert after[:len(before)] == before
     keys = [r["key"] for r in after]
-    assert len(keys) == len(set(keys)) == 6
+    assert len(keys) == len(set(keys)) == 12
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads child processes from /proc")
+def test_sigterm_stops_the_search_and_its_workers_at_once(tmp_path):
+    out = tmp_path / "terminated"
+    search, _, workers = _start_parallel_search(tmp_path, out)
+    os.kill(search.pid, signal.SIGTERM)
+    try:
+        search.wait(timeout=30)
+        printed = search.stdout.read().decode()
+        assert search.returncode == 128 + signal.SIGTERM, printed
+        assert "Stopped by SIGTERM" in printed and "Traceback" not in printed
+        assert _wait_until_gone(workers, seconds=5) == [], "worker processes outlived the stopped search"
+    finally:
+        for pid in [search.pid, *workers]:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert not (out / "hparam_search.lock").exists()  # released on the way out
+
+
+def test_a_second_search_on_the_same_folder_is_refused(tmp_path, capsys):
+    out = tmp_path / "busy"
+    space = write_space(tmp_path, {**TINY_SPACE, "n_epochs": [100000]})  # runs until it is stopped
+    command = [sys.executable, str(FOLDER / "hparam_search.py"), "--strategy", "grid", "--space", space,
+               "--output-dir", str(out), *TINY_RUN]
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "hparam_search.lock").is_file() or not (out / "hparam_search.lock").read_text():
+            assert first.poll() is None and time.monotonic() < deadline, "the first search did not start"
+            time.sleep(0.05)
+        code = main(["--strategy", "grid", "--space", space, "--output-dir", str(out), *TINY_RUN])
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"error: {out} is in use by another search (pid {first.pid}, started ")
+    assert err.count("\n") == 1
+    assert not (out / "ledger.jsonl").exists()  # the refused search wrote nothing
+    # The killed holder's lock is gone with it: the folder can be used again.
+    assert main(["--strategy", "grid", "--space", write_space(tmp_path, TINY_SPACE, "small.json"),
+                 "--output-dir", str(out), *TINY_RUN]) == 0
+
+
+@pytest.mark.parametrize("line, problem", [
+    ("[1, 2]", "a JSON list, not an object"),
+    ('"trial 3"', "a JSON str, not an object"),
+    ('{"key": "abc"}', "no 'hparams' field"),
+    ('{"key": "abc", "hparams": {}, "val_loss": "low", "train_loss": 1.0, "tokens": 1, "seconds": 1}',
+     "'val_loss' is 'low'"),
+])
+def test_a_ledger_line_that_is_json_but_not_a_record_gets_one_line(tmp_path, capsys, line, problem):
+    out = tmp_path / "foreign"
+    out.mkdir()
+    ledger = out / "ledger.jsonl"
+    Ledger(ledger).append(record("a"))
+    with open(ledger, "a") as f:
+        f.write(line + "\n")
+    code = main(["--strategy", "grid", "--space", write_space(tmp_path, TINY_SPACE), "--output-dir", str(out),
+                 *TINY_RUN])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == (f"error: {ledger} line 2 is not a trial record of hparam_search.py ({problem}); "
+                   "remove that line or use another --output-dir.\n")
+
+
+def test_a_torn_last_ledger_line_is_skipped_and_its_trial_reruns(tmp_path, capsys):
+    out = tmp_path / "torn"
+    args = ["--strategy", "grid", "--space", write_space(tmp_path, TINY_SPACE), "--output-dir", str(out), *TINY_RUN]
+    assert main(args) == 0
+    ledger = out / "ledger.jsonl"
+    first, second = ledger.read_text().splitlines()
+    ledger.write_text(first + "\n" + second[: len(second) // 2])  # a write cut off by a power cut
+    capsys.readouterr()
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "1 already in" in captured.out and "1 to run" in captured.out
+    assert "skipped 1 unreadable line(s)" in captured.err and "Traceback" not in captured.err
+    lines = ledger.read_text().splitlines()
+    assert json.loads(lines[0]) == json.loads(first) and json.loads(lines[-1])["key"] == json.loads(second)["key"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--budget-seconds", "nan"], "--budget-seconds must be a positive number"),
+    (["--budget-seconds", "inf"], "--budget-seconds must be a positive number"),
+    (["--train-ratio", "nan"], "--train-ratio must be between 0 and 1, got nan"),
+    (["--train-ratio", "1.5"], "--train-ratio must be between 0 and 1, got 1.5"),
+    (["--seed", "-1"], "--seed must be between 0 and 2**32 - 1"),
+    (["--workers", "100000"], "--workers must be between 1 and the number of CPU cores"),
+    (["--eta", "1"], "--eta must be at least 2"),
+])
+def test_bad_numeric_flags_are_refused_before_any_work(tmp_path, capsys, flags, message):
+    """Refused up front: before the text is read (the --text-file here does not exist)."""
+    out = tmp_path / "never"
+    code = main(["--preset", "laptop", "--text-file", str(tmp_path / "missing.txt"), "--output-dir", str(out),
+                 *flags])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1
+    assert not out.exists()
 
 
 def test_the_cost_estimate_prices_every_configuration_by_its_steps(monkeypatch):
