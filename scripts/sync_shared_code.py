@@ -22,6 +22,7 @@ CANONICAL = {
     "previous_chapters.py": "01_main-chapter-code",
     "ch05_utils.py": "01_main-chapter-code",
     "gpt_download.py": "01_main-chapter-code",
+    "tf_checkpoint_reader.py": "01_main-chapter-code",
     "gpt_kv_cache.py": "01_main-chapter-code",
     "lr_schedule.py": "04_learning_rate_schedulers",
 }

@@ -121,8 +121,9 @@ class GPT2TestServer:
 
     `faults[filename]` is a list of faults consumed one per request for that file:
     "drop" (reset the connection half-way), "500" (an internal server error),
-    "truncate" (a clean close half-way, short of Content-Length), "corrupt" (flip a
-    byte in the middle). `requests` logs (filename, Range header, status) per request.
+    "truncate" (a clean close half-way, short of Content-Length), "truncate-nolength"
+    (no Content-Length header, then a clean close half-way), "corrupt" (flip a byte in
+    the middle). `requests` logs (filename, Range header, status) per request.
     """
     folder: Path
     faults: dict = field(default_factory=dict)
@@ -180,7 +181,8 @@ class GPT2TestServer:
         self.requests.append((parts[1], range_header, status))
         body = data[start:]
         handler.send_response(status)
-        handler.send_header("Content-Length", str(len(body)))
+        if fault != "truncate-nolength":
+            handler.send_header("Content-Length", str(len(body)))
         if status == 206:
             handler.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         handler.send_header("Accept-Ranges", "bytes")
@@ -188,7 +190,7 @@ class GPT2TestServer:
         if fault == "corrupt":
             middle = len(body) // 2
             body = body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1:]
-        if fault in ("drop", "truncate"):
+        if fault in ("drop", "truncate", "truncate-nolength"):
             handler.wfile.write(body[:len(body) // 2])
             handler.wfile.flush()
             if fault == "drop":  # SO_LINGER 0: close with a TCP reset instead of a clean FIN

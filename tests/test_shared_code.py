@@ -44,3 +44,10 @@ def test_check_command_runs_clean():
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "sync_shared_code.py"), "--check"],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+def test_every_shared_file_names_its_canonical_copy():
+    """A learner who opens a copy must see that `make sync` overwrites it, and where to edit."""
+    for name, home in sync_shared_code.CANONICAL.items():
+        text = (ROOT / "ch05" / home / name).read_text(encoding="utf-8")
+        assert f"ch05/{home}/{name}" in text and "make sync" in text, name

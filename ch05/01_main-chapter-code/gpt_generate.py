@@ -1,8 +1,15 @@
 """Generate text with OpenAI's GPT-2 weights or with your own model from gpt_train.py.
 
+From Python, the book's way:
+
+    from gpt_generate import main
+    main(BASE_CONFIG, "Every effort moves you", "124M", torch.device("cpu"))
+
+From the command line (streaming the text as it is generated):
+
     python gpt_generate.py --prompt "Every effort moves you"            # GPT-2 124M, downloaded once
     python gpt_generate.py --model-size 355M --temperature 0.8 --top-k 40
-    python gpt_generate.py --checkpoint output/checkpoint.pth           # your own weights
+    python gpt_generate.py --checkpoint output/checkpoint.pth           # your own weights (or the book's model.pth)
 
 The text is printed as it is generated, one token at a time. --temperature 0 decodes
 greedily (the same text every time); above 0 it samples, reproducibly for a given --seed.
@@ -10,15 +17,47 @@ greedily (the same text every time); above 0 it samples, reproducibly for a give
 
 import argparse
 import codecs
+import math
 import sys
 from pathlib import Path
 
 import torch
-from ch05_utils import generate, get_device, load_checkpoint
-from gpt_download import MODEL_SIZES, config_from_hparams, download_and_load_gpt2, load_weights_into_gpt
-from previous_chapters import GPTModel, get_tokenizer
+
+from ch05_utils import get_device, load_gpt_model
+from gpt_download import (  # noqa: F401  (the book's gpt_generate.py defines these names)
+    MODEL_SIZES,
+    config_from_hparams,
+    download_and_load_gpt2,
+    download_file,
+    load_gpt2_params_from_tf_ckpt,
+)
+from previous_chapters import (  # noqa: F401
+    GPTModel,
+    assign,
+    generate,
+    get_tokenizer,
+    load_weights_into_gpt,
+    text_to_token_ids,
+    token_ids_to_text,
+)
 
 END_OF_TEXT = "<|endoftext|>"
+
+
+def main(gpt_config: dict, input_prompt: str, model_size: str, device: torch.device) -> None:
+    """The book's `main`: load OpenAI's GPT-2 `model_size` (downloaded into ./gpt2 once)
+    into a GPTModel built from `gpt_config` and print 25 sampled tokens (top-k 50,
+    temperature 1.0, seed 123) that continue `input_prompt`."""
+    settings, params = download_and_load_gpt2(model_size=model_size, models_dir="gpt2")
+    gpt = GPTModel(gpt_config)
+    load_weights_into_gpt(gpt, params)
+    gpt.to(device)
+    gpt.eval()
+    tokenizer = get_tokenizer()
+    torch.manual_seed(123)
+    token_ids = generate(model=gpt, idx=text_to_token_ids(input_prompt, tokenizer).to(device), max_new_tokens=25,
+                         context_size=gpt_config["context_length"], top_k=50, temperature=1.0)
+    print("Output text:\n", token_ids_to_text(token_ids, tokenizer))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models-dir", type=Path, default=Path("gpt2"),
                         help="Where GPT-2's files are kept (downloaded on first use).")
     parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="Use your own model: a checkpoint.pth written by gpt_train.py, instead of GPT-2.")
+                        help="Use your own model instead of GPT-2: a checkpoint.pth written by gpt_train.py, or "
+                             "the book's model.pth / model_and_optimizer.pth.")
+    parser.add_argument("--n-heads", type=int, default=None,
+                        help="Attention heads of a --checkpoint model that holds no config (the book's model.pth) "
+                             "and is not GPT-2 sized.")
     parser.add_argument("--max-new-tokens", type=int, default=50, help="Stop after this many tokens.")
     parser.add_argument("--temperature", type=float, default=1.0, help="0 for greedy decoding.")
     parser.add_argument("--top-k", type=int, default=50, help="Sample only among the k most likely tokens; 0: all.")
@@ -44,8 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
-    if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0, got {args.temperature}.")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(f"--temperature must be a number >= 0 (0: greedy), got {args.temperature}.")
+    if args.n_heads is not None and args.n_heads < 1:
+        raise ValueError(f"--n-heads must be at least 1, got {args.n_heads}.")
     if args.top_k < 0:
         raise ValueError(f"--top-k must be >= 0 (0 keeps every token), got {args.top_k}.")
 
@@ -53,9 +98,7 @@ def check_args(args: argparse.Namespace) -> None:
 def load_model(args: argparse.Namespace) -> tuple[GPTModel, str]:
     """Either GPT-2 with OpenAI's weights or the model of a gpt_train.py checkpoint."""
     if args.checkpoint is not None:
-        checkpoint = load_checkpoint(args.checkpoint)
-        model = GPTModel(checkpoint["config"])
-        model.load_state_dict(checkpoint["model"])
+        model, _ = load_gpt_model(args.checkpoint, n_heads=args.n_heads)  # reads the weights only, not the optimizer
         return model, str(args.checkpoint)
     settings, params = download_and_load_gpt2(args.model_size, args.models_dir)
     model = GPTModel(config_from_hparams(settings))
@@ -95,7 +138,8 @@ def text_pieces(token_ids, tokenizer):
     yield decoder.decode(b"", final=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def cli(argv: list[str] | None = None) -> int:
+    """The command line: `python gpt_generate.py --help`."""
     args = build_parser().parse_args(argv)
     try:
         check_args(args)
@@ -122,4 +166,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -1,24 +1,45 @@
-"""The functions that ch05.ipynb builds, in one module for the scripts and other folders.
+"""What the chapter's scripts need beyond the book's code: data, devices, seeds, checkpoints.
 
-The notebook writes each of these step by step; `gpt_train.py`, `gpt_generate.py` and
-the bonus folders import them from here. Like `previous_chapters.py`, this file is the
-canonical copy that `scripts/sync_shared_code.py` copies into other folders.
+The book's functions (the loss, the training loop, `generate`, `load_weights_into_gpt`,
+...) live in `previous_chapters.py`; they are imported here too, so `from ch05_utils
+import generate` keeps working. This module adds what makes the scripts robust: a
+verified download of the-verdict, train/validation loaders with a seeded shuffle,
+device selection, RNG state for exact resume, atomic checkpoints, and loading model
+weights from any of the files the book and our scripts write.
+
+Shared file. The canonical copy is ch05/01_main-chapter-code/ch05_utils.py; `make sync`
+(scripts/sync_shared_code.py) overwrites the copies in the other ch05 folders with it,
+so edit the canonical file, never a copy.
 """
 
+import errno
 import hashlib
 import os
 import random
-import tempfile
+import sys
 import urllib.request
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from previous_chapters import GPTModel, create_dataloader_v1, get_tokenizer
+from previous_chapters import (  # noqa: F401  (re-exported: the scripts import them from here)
+    GPT_CONFIG_124M,
+    GPTModel,
+    TrainProgress,
+    calc_loss_batch,
+    calc_loss_loader,
+    create_dataloader_v1,
+    evaluate_model,
+    generate,
+    generate_and_print_sample,
+    get_tokenizer,
+    plot_losses,
+    text_to_token_ids,
+    token_ids_to_text,
+    train_model_simple,
+)
 
 THE_VERDICT_URL = (
     "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt"
@@ -26,21 +47,6 @@ THE_VERDICT_URL = (
 THE_VERDICT_SHA256 = "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"
 DATA_DIR_ENV = "CH05_DATA_DIR"  # folder with local copies of the chapter's data files
 CACHE_DIR_ENV = "CH05_CACHE_DIR"  # where downloads are kept (default ~/.cache/llm-from-scratch-ch05)
-
-
-#####################################
-# Text <-> token ids
-#####################################
-
-def text_to_token_ids(text: str, tokenizer) -> torch.Tensor:
-    """Encode `text` into a (1, n_tokens) tensor: a batch of one."""
-    encoded = tokenizer.encode(text, allowed_special={"<|endoftext|>"})
-    return torch.tensor(encoded).unsqueeze(0)
-
-
-def token_ids_to_text(token_ids: torch.Tensor, tokenizer) -> str:
-    """Decode a (1, n_tokens) or (n_tokens,) tensor of token ids back into text."""
-    return tokenizer.decode(token_ids.squeeze(0).tolist())
 
 
 #####################################
@@ -144,210 +150,6 @@ def create_train_val_loaders(text: str, cfg: dict, batch_size: int, train_ratio:
 
 
 #####################################
-# Loss
-#####################################
-
-def calc_loss_batch(input_batch: torch.Tensor, target_batch: torch.Tensor, model: torch.nn.Module,
-                    device: torch.device) -> torch.Tensor:
-    """Mean cross-entropy of the model's next-token predictions on one batch."""
-    input_batch, target_batch = input_batch.to(device), target_batch.to(device)
-    logits = model(input_batch)
-    return F.cross_entropy(logits.flatten(0, 1), target_batch.flatten())
-
-
-def calc_loss_loader(data_loader: DataLoader, model: torch.nn.Module, device: torch.device,
-                     num_batches: int | None = None) -> float:
-    """Average `calc_loss_batch` over the first `num_batches` batches (all by default)."""
-    if len(data_loader) == 0:
-        return float("nan")
-    num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
-    total_loss = 0.0
-    for i, (input_batch, target_batch) in enumerate(data_loader):
-        if i >= num_batches:
-            break
-        total_loss += calc_loss_batch(input_batch, target_batch, model, device).item()
-    return total_loss / num_batches
-
-
-def evaluate_model(model: torch.nn.Module, train_loader: DataLoader, val_loader: DataLoader,
-                   device: torch.device, eval_iter: int) -> tuple[float, float]:
-    """Training and validation loss over `eval_iter` batches each, in eval mode (no dropout)."""
-    model.eval()
-    with torch.no_grad():
-        train_loss = calc_loss_loader(train_loader, model, device, num_batches=eval_iter)
-        val_loss = calc_loss_loader(val_loader, model, device, num_batches=eval_iter)
-    model.train()
-    return train_loss, val_loss
-
-
-#####################################
-# Generation
-#####################################
-
-def generate(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, context_size: int,
-             temperature: float = 0.0, top_k: int | None = None, eos_id: int | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-    """Extend each row of `idx` (batch, n_tokens) by up to `max_new_tokens` tokens.
-
-    temperature == 0 picks the most likely token (greedy); temperature > 0 samples from
-    softmax(logits / temperature), sharper below 1 and flatter above. `top_k` keeps only
-    the k most likely tokens before sampling. When `eos_id` is given, a row that has
-    produced it keeps producing `eos_id` (padding) and generation stops once every row
-    has. Pass a seeded `generator` for reproducible sampling.
-    """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-    for _ in range(max_new_tokens):
-        with torch.no_grad():
-            logits = model(idx[:, -context_size:])[:, -1, :]
-        if top_k is not None:
-            kth_largest = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-            logits = logits.masked_fill(logits < kth_largest, -torch.inf)
-        if temperature > 0.0:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            idx_next = torch.multinomial(probs, num_samples=1, generator=generator)
-        else:
-            idx_next = torch.argmax(logits, dim=-1, keepdim=True)
-        if eos_id is not None:
-            idx_next = idx_next.masked_fill(finished.unsqueeze(1), eos_id)
-            finished |= idx_next.squeeze(1) == eos_id
-        idx = torch.cat((idx, idx_next), dim=1)
-        if eos_id is not None and finished.all():
-            break
-    return idx
-
-
-def generate_and_print_sample(model: GPTModel, tokenizer, device: torch.device, start_context: str,
-                              max_new_tokens: int = 50, print_fn=print) -> str:
-    """Greedily continue `start_context` and print the text on one line (used during training)."""
-    model.eval()
-    context_size = model.pos_emb.weight.shape[0]
-    encoded = text_to_token_ids(start_context, tokenizer).to(device)
-    token_ids = generate(model, encoded, max_new_tokens=max_new_tokens, context_size=context_size)
-    text = token_ids_to_text(token_ids, tokenizer)
-    print_fn(text.replace("\n", " "))
-    model.train()
-    return text
-
-
-#####################################
-# Training
-#####################################
-
-@dataclass
-class TrainProgress:
-    """Where a training run stands: enough to resume it exactly.
-
-    `batches_done` counts the batches of the current epoch already trained on; the
-    two loader RNG states are the training loader's shuffle generator at the start of
-    this epoch (to recreate its batch order) and now (for what comes next).
-    """
-    epoch: int = 0
-    batches_done: int = 0
-    global_step: int = -1
-    tokens_seen: int = 0
-    train_losses: list = field(default_factory=list)
-    val_losses: list = field(default_factory=list)
-    track_tokens_seen: list = field(default_factory=list)
-    loader_rng_epoch_start: torch.Tensor | None = None
-    loader_rng_now: torch.Tensor | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def train_model_simple(model: torch.nn.Module, train_loader: DataLoader, val_loader: DataLoader,
-                       optimizer: torch.optim.Optimizer, device: torch.device, num_epochs: int,
-                       eval_freq: int, eval_iter: int, start_context: str, tokenizer,
-                       progress: TrainProgress | None = None, max_steps: int | None = None,
-                       on_step=None, print_fn=print, progress_bar: bool = False):
-    """The chapter's training loop: one optimizer step per batch, evaluation every
-    `eval_freq` steps, a greedy sample after each epoch.
-
-    Returns (train_losses, val_losses, track_tokens_seen). The optional arguments make
-    the loop resumable without changing what it computes: `progress` says where to
-    start (it is updated in place), `on_step(progress)` is called after every step
-    (gpt_train.py saves checkpoints there), and `max_steps` stops early.
-    """
-    progress = progress or TrainProgress()
-    generator = getattr(train_loader, "generator", None)
-    while progress.epoch < num_epochs:
-        if generator is not None:
-            if progress.batches_done == 0:
-                if progress.loader_rng_now is not None:  # a no-op unless resuming at an epoch boundary
-                    generator.set_state(progress.loader_rng_now)
-                progress.loader_rng_epoch_start = generator.get_state()
-            else:  # resuming mid-epoch: replay this epoch's shuffle order
-                generator.set_state(progress.loader_rng_epoch_start)
-        model.train()
-        loader_iter = batches = iter(train_loader)
-        for _ in range(progress.batches_done):
-            next(batches)
-        if generator is not None and progress.loader_rng_now is not None and progress.batches_done:
-            generator.set_state(progress.loader_rng_now)
-        if progress_bar:
-            from tqdm.auto import tqdm
-            batches = tqdm(batches, total=len(train_loader), initial=progress.batches_done,
-                           desc=f"Epoch {progress.epoch + 1}/{num_epochs}", leave=False)
-        for input_batch, target_batch in batches:
-            optimizer.zero_grad()
-            loss = calc_loss_batch(input_batch, target_batch, model, device)
-            loss.backward()
-            optimizer.step()
-            progress.tokens_seen += input_batch.numel()
-            progress.global_step += 1
-            progress.batches_done += 1
-
-            if progress.global_step % eval_freq == 0:
-                train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
-                progress.train_losses.append(train_loss)
-                progress.val_losses.append(val_loss)
-                progress.track_tokens_seen.append(progress.tokens_seen)
-                print_fn(f"Ep {progress.epoch + 1} (Step {progress.global_step:06d}): "
-                         f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
-            if progress.batches_done == len(train_loader):  # epoch done: move on before saving
-                # Finish the iterator as a plain `for` loop would: its last call draws from
-                # the shuffling generator, and the next epoch's order depends on that.
-                next(loader_iter, None)
-                generate_and_print_sample(model, tokenizer, device, start_context, print_fn=print_fn)
-                progress.epoch += 1
-                progress.batches_done = 0
-            if generator is not None:
-                progress.loader_rng_now = generator.get_state()
-            if on_step is not None:
-                on_step(progress)
-            if max_steps is not None and progress.global_step + 1 >= max_steps:
-                return progress.train_losses, progress.val_losses, progress.track_tokens_seen
-            if progress.batches_done == 0:
-                break  # the epoch is over
-    return progress.train_losses, progress.val_losses, progress.track_tokens_seen
-
-
-def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, path: str | Path | None = None):
-    """Training and validation loss against epochs (bottom axis) and tokens seen (top axis)."""
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, ax1 = plt.subplots(figsize=(5, 3))
-    ax1.plot(epochs_seen, train_losses, label="Training loss")
-    ax1.plot(epochs_seen, val_losses, linestyle="-.", label="Validation loss")
-    ax1.set_xlabel("Epochs")
-    ax1.set_ylabel("Loss")
-    ax1.legend(loc="upper right")
-    ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax2 = ax1.twiny()  # same y-axis, second x-axis for tokens seen
-    ax2.plot(tokens_seen, train_losses, alpha=0)  # invisible: only aligns the ticks
-    ax2.set_xlabel("Tokens seen")
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=120)
-    return fig
-
-
-#####################################
 # Devices, RNG and checkpoints
 #####################################
 
@@ -402,29 +204,219 @@ def set_rng_states(states: dict) -> None:
 
 
 def save_checkpoint_atomic(obj: dict, path: str | Path) -> None:
-    """`torch.save` to a temporary file in the same folder, flush it to disk, then rename.
+    """`torch.save` to `<path>.tmp` in the same folder, flush it to disk, then rename.
 
     A rename within one file system is atomic, so a process killed at any moment leaves
-    either the previous checkpoint or the new one on disk, never a half-written file.
+    either the previous checkpoint or the new one on disk, never a half-written file. A
+    `.tmp` left by a killed save is simply overwritten by the next one.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    tmp = path.with_name(path.name + ".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"Disk full while saving {path}; the previous file there (if any) is "
+                                        "intact. Free some space and resume.") from None
         raise
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+def publish_atomic(path: str | Path, write) -> Path:
+    """Call `write(tmp_path)` and rename the result to `path`: readers of `path` never
+    see a half-written file. The temporary name keeps the extension (`loss.tmp.png`), so
+    writers that pick a format by extension, like matplotlib, still work."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+class FolderInUseError(RuntimeError):
+    """Another running job holds the lock on this output folder."""
+
+
+class RunLock:
+    """An exclusive lock on an output folder, so two runs never write the same files.
+
+    The lock is an OS file lock on `<folder>/<name>`, which the operating system
+    releases when the process ends however it ends, so a killed run leaves no stale
+    lock. The file holds the owner's process id, for the error message.
+    """
+
+    def __init__(self, folder: str | Path, name: str = ".run.lock"):
+        self.path = Path(folder) / name
+        self._file = None
+
+    def __enter__(self) -> "RunLock":
+        self._file = open(self.path, "a+")
+        try:
+            _lock_file(self._file)
+        except OSError:
+            self._file.seek(0)
+            owner = self._file.read().strip() or "another process"
+            self._file.close()
+            raise FolderInUseError(f"{self.path.parent} is in use by a running job ({owner}). Wait for it to "
+                               "finish, or choose another output folder.") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"pid {os.getpid()}")
+        self._file.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()  # closing releases the lock
+
+
+def _lock_file(f) -> None:
+    f.seek(0)
+    if sys.platform == "win32":
+        import msvcrt
+        msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+    else:
+        import fcntl
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *, mmap: bool = False) -> dict:
     """Load a checkpoint written by `save_checkpoint_atomic`, with `weights_only=True`
-    so that a file from elsewhere cannot run code while loading."""
+    so that a file from elsewhere cannot run code while loading.
+
+    With `mmap=True` tensors are read from disk only when used (for inference, which
+    needs the weights but not the optimizer state stored beside them). A missing,
+    truncated or foreign file is a one-line error that names it.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint at {path}. Train one first with gpt_train.py.")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        except RuntimeError as err:
+            if not mmap or "mmap" not in str(err):
+                raise
+            return torch.load(path, map_location=map_location, weights_only=True)  # the legacy format
+    except Exception as err:  # truncated zip, garbage bytes, a pickle that is not plain data...
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({reason}). It may be truncated or "
+                         "corrupt: save or download it again.") from None
+
+
+#####################################
+# Model weights from any file the book or our scripts write
+#####################################
+
+# GPT-2's sizes: the number of attention heads cannot be read off the weights' shapes.
+GPT2_HEADS_BY_EMB_DIM = {768: 12, 1024: 16, 1280: 20, 1600: 25}
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # added by torch.compile and DistributedDataParallel
+
+
+def read_model_state_dict(path: str | Path, *, mmap: bool = True,
+                          map_location: str | torch.device = "cpu") -> tuple[dict, dict | None]:
+    """The model weights stored in `path`, and the model config if the file holds one.
+
+    Accepts gpt_train.py's `checkpoint.pth` ({"model", "config", ...}), the book's
+    weights-only `model.pth` (a plain state dict) and the book's
+    `model_and_optimizer.pth` ({"model_state_dict", "optimizer_state_dict"}). With
+    `mmap=True` (the default) the file is memory-mapped, so an optimizer state stored
+    beside the weights is never read from disk.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No model file at {path}. Check the path (train one with gpt_train.py).")
+    obj = load_checkpoint(path, map_location, mmap=mmap)
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        state_dict, config = obj["model"], obj.get("config")
+    elif isinstance(obj, dict) and isinstance(obj.get("model_state_dict"), dict):
+        state_dict, config = obj["model_state_dict"], None
+    else:
+        state_dict, config = obj, None
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError(f"{path} holds no model state dict: expected a file saved from a GPTModel "
+                         "(torch.save(model.state_dict(), ...)) or a gpt_train.py checkpoint.")
+    for prefix in _WRAPPER_PREFIXES:
+        if state_dict and all(k.startswith(prefix) for k in state_dict):
+            state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+    return state_dict, config
+
+
+def config_from_state_dict(state_dict: dict, n_heads: int | None = None) -> dict:
+    """The GPTModel config that fits the tensors of `state_dict`.
+
+    Sizes come from the tensors' shapes. The head count does not change any shape, so
+    it is GPT-2's for GPT-2's widths (768 -> 12, ...) unless `n_heads` is given.
+    """
+    try:
+        vocab_size, emb_dim = state_dict["tok_emb.weight"].shape
+        context_length = state_dict["pos_emb.weight"].shape[0]
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"The weights have no usable {err} tensor: they are not a GPTModel's.") from None
+    n_layers = len({k.split(".")[1] for k in state_dict if k.startswith("trf_blocks.")})
+    if n_heads is None:
+        if emb_dim not in GPT2_HEADS_BY_EMB_DIM:
+            raise ValueError(f"The weights have emb_dim={emb_dim}, not a GPT-2 width, so the number of "
+                             "attention heads is unknown: pass it (n_heads / --n-heads).")
+        n_heads = GPT2_HEADS_BY_EMB_DIM[emb_dim]
+    return {**GPT_CONFIG_124M, "vocab_size": vocab_size, "context_length": context_length, "emb_dim": emb_dim,
+            "n_heads": n_heads, "n_layers": n_layers, "qkv_bias": "trf_blocks.0.att.W_query.bias" in state_dict}
+
+
+def load_state_dict_checked(model: torch.nn.Module, state_dict: dict, source: str | Path, *,
+                            assign: bool = False) -> None:
+    """`model.load_state_dict(state_dict, assign=assign)` (strict), with one-line errors
+    that name `source`. (`assign=True` takes the tensors themselves, for a model built on
+    the meta device.)
+
+    Files saved before the causal mask was stored in the state dict lack only the
+    `*.att.mask` entries; the model's own masks are the same constants, so they stay.
+    """
+    missing = set(model.state_dict()) - set(state_dict)
+    unexpected = set(state_dict) - set(model.state_dict())
+    if unexpected or any(not k.endswith(".att.mask") for k in missing):
+        some = sorted(missing)[:3] + sorted(unexpected)[:3]
+        raise ValueError(f"{source} does not fit this model: {len(missing)} missing and {len(unexpected)} "
+                         f"unexpected tensors (e.g. {', '.join(some)}). Is it a GPTModel of this shape?")
+    for name, tensor in model.state_dict().items():
+        if name in state_dict and tuple(state_dict[name].shape) != tuple(tensor.shape):
+            raise ValueError(f"{source}: tensor {name} has shape {tuple(state_dict[name].shape)}, the model "
+                             f"expects {tuple(tensor.shape)}. Build the model with the config it was trained with.")
+    model.load_state_dict(state_dict, strict=not missing, assign=assign)
+    check_weights_loaded(model)
+
+
+def check_weights_loaded(model: torch.nn.Module) -> None:
+    """Refuse a model that still holds tensors on PyTorch's `meta` device.
+
+    A model built on `meta` has shapes but no values; a tensor that no state dict
+    filled would make every forward pass fail or, after `to_empty`, silently compute
+    with whatever bytes the memory held.
+    """
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    on_meta = [name for name, tensor in tensors if tensor.is_meta]
+    if on_meta:
+        raise ValueError(f"{len(on_meta)} tensors of the model were never loaded (still on the meta device), "
+                         f"e.g. {on_meta[0]}: load a complete state dict, with strict=True.")
+
+
+def load_gpt_model(path: str | Path, *, n_heads: int | None = None) -> tuple[GPTModel, dict]:
+    """A GPTModel (on the CPU, in eval mode) with the weights of `path`, and its config.
+
+    `path` is any file `read_model_state_dict` accepts; a file without a config gets
+    one from the tensors' shapes (`config_from_state_dict`).
+    """
+    state_dict, config = read_model_state_dict(path)
+    if config is None:
+        config = config_from_state_dict(state_dict, n_heads)
+    model = GPTModel(config)
+    load_state_dict_checked(model, state_dict, path)
+    return model.eval(), config

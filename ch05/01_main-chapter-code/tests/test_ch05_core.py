@@ -165,12 +165,15 @@ def test_same_seed_same_text_and_batches(tiny_model):
     assert not torch.equal(a, c)
 
 
-def test_eos_id_stops_generation(tiny_model):
+def test_eos_id_stops_generation_without_appending_it(tiny_model):
+    """As in the book: the loop breaks when the next token is eos_id, before appending it."""
     idx = torch.randint(0, TINY["vocab_size"], (1, 4))
     greedy = generate(tiny_model, idx, max_new_tokens=5, context_size=TINY["context_length"])
-    first_new = greedy[0, 4].item()
-    stopped = generate(tiny_model, idx, max_new_tokens=5, context_size=TINY["context_length"], eos_id=first_new)
-    assert stopped.shape == (1, 5) and stopped[0, -1].item() == first_new
+    for position in range(4, 9):
+        eos = greedy[0, position].item()
+        first = greedy[0, 4:].tolist().index(eos) + 4  # the first time greedy decoding produces it
+        stopped = generate(tiny_model, idx, max_new_tokens=5, context_size=TINY["context_length"], eos_id=eos)
+        assert torch.equal(stopped, greedy[:, :first])
 
 
 def test_eos_id_pads_finished_rows_in_a_batch(tiny_model):
@@ -190,8 +193,9 @@ def test_eos_id_pads_finished_rows_in_a_batch(tiny_model):
 
 def test_generate_rejects_bad_settings(tiny_model):
     idx = torch.zeros(1, 2, dtype=torch.long)
-    with pytest.raises(ValueError, match="temperature"):
-        generate(tiny_model, idx, 1, 16, temperature=-1.0)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            generate(tiny_model, idx, 1, 16, temperature=bad)
     with pytest.raises(ValueError, match="top_k"):
         generate(tiny_model, idx, 1, 16, top_k=0)
 

@@ -62,19 +62,19 @@ def test_streamed_samples_equal_one_generate_call(tiny_gpt2, capsys):
     models_dir, model = tiny_gpt2
     args = ["--prompt", PROMPT, "--models-dir", str(models_dir), "--max-new-tokens", "15", "--temperature", "1.5",
             "--top-k", "20", "--seed", "7", "--device", "cpu"]
-    assert gpt_generate.main(args) == 0
+    assert gpt_generate.cli(args) == 0
     first = capsys.readouterr().out
     expected = continuation(model, PROMPT, 15, temperature=1.5, top_k=20, generator=torch.Generator().manual_seed(7))
     assert first == PROMPT + expected + "\n"
-    assert gpt_generate.main(args) == 0
+    assert gpt_generate.cli(args) == 0
     assert capsys.readouterr().out == first  # the same seed gives the same text
-    assert gpt_generate.main([*args[:-4], "--seed", "8", "--device", "cpu"]) == 0
+    assert gpt_generate.cli([*args[:-4], "--seed", "8", "--device", "cpu"]) == 0
     assert capsys.readouterr().out != first
 
 
 def test_an_empty_prompt_starts_a_new_document(tiny_gpt2, capsys):
     models_dir, _ = tiny_gpt2
-    assert gpt_generate.main(["--prompt", "", "--models-dir", str(models_dir), "--max-new-tokens", "5",
+    assert gpt_generate.cli(["--prompt", "", "--models-dir", str(models_dir), "--max-new-tokens", "5",
                               "--device", "cpu"]) == 0
     assert capsys.readouterr().out.strip() != ""
 
@@ -100,6 +100,21 @@ def test_cli_generates_with_a_gpt_train_checkpoint(trained_checkpoint):
     assert str(trained_checkpoint) in result.stderr
 
 
+def test_cli_generates_with_the_books_model_pth(trained_checkpoint, tmp_path):
+    """The book saves `torch.save(model.state_dict(), "model.pth")`: weights only, no config."""
+    checkpoint = load_checkpoint(trained_checkpoint)
+    model = GPTModel(checkpoint["config"])
+    model.load_state_dict(checkpoint["model"])
+    torch.save(model.state_dict(), tmp_path / "model.pth")
+    args = ["--checkpoint", str(tmp_path / "model.pth"), "--prompt", PROMPT, "--temperature", "0",
+            "--max-new-tokens", "20", "--device", "cpu"]
+    refused = run_script("gpt_generate.py", *args)  # the tiny model's width is not GPT-2's: heads unknown
+    assert refused.returncode == 2 and "pass it (n_heads / --n-heads)" in refused.stderr
+    result = run_script("gpt_generate.py", *args, "--n-heads", str(checkpoint["config"]["n_heads"]))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == PROMPT + continuation(model.eval(), PROMPT, 20) + "\n"
+
+
 def test_text_pieces_never_split_a_character():
     tokenizer = get_tokenizer()
     text = "naïve café 🙂 — 東京"
@@ -112,20 +127,20 @@ def test_text_pieces_never_split_a_character():
 
 @pytest.mark.parametrize("args, message", [
     (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
-    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--temperature", "-1"], "--temperature must be a number >= 0"),
     (["--top-k", "-3"], "--top-k must be >= 0"),
-    (["--checkpoint", "no/such/checkpoint.pth"], "No checkpoint at no/such/checkpoint.pth"),
+    (["--checkpoint", "no/such/checkpoint.pth"], "No model file at no/such/checkpoint.pth"),
     (["--device", "tpu"], "Unknown device 'tpu'"),
 ])
 def test_bad_input_is_a_one_line_error(args, message, capsys):
-    assert gpt_generate.main(args) == 2
+    assert gpt_generate.cli(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err
 
 
 def test_unknown_model_size_is_rejected_by_the_parser(capsys):
     with pytest.raises(SystemExit) as excinfo:
-        gpt_generate.main(["--model-size", "2B"])
+        gpt_generate.cli(["--model-size", "2B"])
     assert excinfo.value.code == 2
     assert "invalid choice: '2B'" in capsys.readouterr().err
 
@@ -135,5 +150,5 @@ def test_no_network_is_a_clear_error(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(gpt_download, "RETRY_BACKOFF_S", 0.0)
     monkeypatch.setenv("GPT2_BASE_URL", "http://127.0.0.1:9")  # the discard port: nothing listens
-    assert gpt_generate.main(["--models-dir", str(tmp_path), "--device", "cpu"]) == 2
+    assert gpt_generate.cli(["--models-dir", str(tmp_path), "--device", "cpu"]) == 2
     assert "error: Could not get checkpoint of GPT-2 124M" in capsys.readouterr().err

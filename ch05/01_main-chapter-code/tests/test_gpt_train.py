@@ -22,7 +22,7 @@ FAST = ["--model", "tiny", "--batch-size", "8", "--eval-freq", "5", "--eval-iter
 
 def train(tmp_path: Path, name: str, *extra: str) -> dict:
     out = tmp_path / name
-    assert gpt_train.main([*FAST, "--output-dir", str(out), *extra]) == 0
+    assert gpt_train.cli([*FAST, "--output-dir", str(out), *extra]) == 0
     return json.loads((out / "losses.json").read_text())
 
 
@@ -63,14 +63,14 @@ def test_resume_is_bitwise_identical(tmp_path, stop_after):
 
 def test_resume_refuses_a_different_model(tmp_path, capsys):
     train(tmp_path, "run", "--num-epochs", "1", "--max-steps", "3")
-    code = gpt_train.main([*FAST, "--output-dir", str(tmp_path / "run"), "--resume", "--context-length", "16"])
+    code = gpt_train.cli([*FAST, "--output-dir", str(tmp_path / "run"), "--resume", "--context-length", "16"])
     assert code == 2
-    assert "was trained with config" in capsys.readouterr().err
+    assert "--context-length 16 differs from the checkpoint's" in capsys.readouterr().err
 
 
 def test_existing_checkpoint_is_not_overwritten_by_accident(tmp_path, capsys):
     train(tmp_path, "run", "--num-epochs", "1", "--max-steps", "2")
-    assert gpt_train.main([*FAST, "--output-dir", str(tmp_path / "run")]) == 2
+    assert gpt_train.cli([*FAST, "--output-dir", str(tmp_path / "run")]) == 2
     assert "pass --resume" in capsys.readouterr().err
 
 
@@ -84,7 +84,7 @@ def test_sigkill_at_random_moments_never_corrupts_the_checkpoint(tmp_path):
     rng = random.Random(0)
 
     def writing_now() -> bool:  # replacing an existing checkpoint: the dangerous moment
-        return (out / "checkpoint.pth").exists() and any(out.glob("checkpoint.pth.*.tmp"))
+        return (out / "checkpoint.pth").exists() and (out / "checkpoint.pth.tmp").exists()
 
     def after_random_delay(delay: float):
         deadline = time.monotonic() + delay
@@ -123,7 +123,7 @@ def test_sigkill_at_random_moments_never_corrupts_the_checkpoint(tmp_path):
         (None, [], "Text file not found"),
         (b"caf\xe9 latin-1 text " * 500, [], "is not valid UTF-8"),
         ("ok " * 5000, ["--device", "tpu"], "Unknown device 'tpu'"),
-        ("ok " * 5000, ["--lr", "0"], "--lr must be positive"),
+        ("ok " * 5000, ["--lr", "0"], "--lr must be a positive number"),
         ("ok " * 5000, ["--context-length", "2048"], "outside what a GPT-2 model supports"),
         ("ok " * 5000, ["--batch-size", "0"], "--batch-size must be at least 1"),
     ],
@@ -135,7 +135,7 @@ def test_bad_input_gives_a_clear_message(tmp_path, capsys, content, extra, messa
         text_file.write_bytes(content)
     elif content is not None:
         text_file.write_text(content)
-    code = gpt_train.main([*FAST, "--text-file", str(text_file), "--output-dir", str(tmp_path / "o"), *extra])
+    code = gpt_train.cli([*FAST, "--text-file", str(text_file), "--output-dir", str(tmp_path / "o"), *extra])
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err
@@ -144,3 +144,154 @@ def test_bad_input_gives_a_clear_message(tmp_path, capsys, content, extra, messa
 def test_help_works():
     result = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--resume" in result.stdout
+
+
+#####################################
+# Faults: signals, locks, divergence, resume settings, bad files
+#####################################
+
+def start_run(out: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, str(SCRIPT), *FAST, "--num-epochs", "50", "--output-dir", str(out), *extra]
+    return subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_training(proc: subprocess.Popen) -> None:
+    """Block until the run prints its first evaluation (training has begun)."""
+    for line in proc.stdout:
+        if line.startswith("Ep 1 (Step"):
+            return
+    raise AssertionError(proc.stderr.read())
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, signum):
+    out = tmp_path / "run"
+    proc = start_run(out, "--save-every-minutes", "0")
+    wait_for_training(proc)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Continue with --resume" in err and "Traceback" not in err
+    progress = load_checkpoint(out / "checkpoint.pth")["progress"]
+    assert progress["global_step"] >= 0  # saved after the step it was in
+    assert gpt_train.cli([*FAST, "--num-epochs", "1", "--max-steps", str(progress["global_step"] + 2),
+                          "--output-dir", str(out), "--resume"]) == 0
+
+
+def test_a_second_run_on_the_same_folder_is_refused(tmp_path):
+    out = tmp_path / "run"
+    first = start_run(out)
+    try:
+        wait_for_training(first)
+        second = subprocess.run([sys.executable, str(SCRIPT), *FAST, "--output-dir", str(out), "--resume"],
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2
+        assert f"in use by a running job (pid {first.pid})" in second.stderr
+    finally:
+        first.kill()
+        first.communicate()
+
+
+@pytest.mark.parametrize("kind", ["file", "read-only"])
+def test_an_unusable_output_folder_is_refused_before_training(tmp_path, capsys, kind):
+    out = tmp_path / "out"
+    if kind == "file":
+        out.write_text("not a folder")
+    else:
+        out.mkdir()
+        out.chmod(0o500)
+        if os.access(out, os.W_OK):  # root ignores permissions
+            pytest.skip("running as root: a read-only folder is still writable")
+    assert gpt_train.cli([*FAST, "--output-dir", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and "Training" not in captured.out
+
+
+def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert gpt_train.cli([*FAST, "--num-epochs", "1", "--max-steps", "2", "--output-dir", str(out)]) == 0
+    good = load_checkpoint(out / "checkpoint.pth")
+    code = gpt_train.cli([*FAST, "--num-epochs", "1", "--output-dir", str(out), "--overwrite", "--lr", "1e6",
+                          "--checkpoint-every", "1"])
+    assert code == 1
+    assert "training diverged" in capsys.readouterr().err
+    kept = load_checkpoint(out / "checkpoint.pth")
+    assert all(torch.isfinite(t).all() for t in kept["model"].values())
+    assert kept["progress"]["global_step"] < 3 or kept["progress"] == good["progress"]
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--batch-size", "4"], "--batch-size 4 differs from the checkpoint's 8"),
+    (["--lr", "0.001"], "--lr 0.001 differs from the checkpoint's 0.0004"),
+    (["--seed", "7"], "--seed 7 differs"),
+], ids=["batch-size", "lr", "seed"])
+def test_resume_refuses_a_changed_setting_by_name(tmp_path, capsys, flags, message):
+    out = tmp_path / "run"
+    assert gpt_train.cli([*FAST, "--num-epochs", "1", "--max-steps", "2", "--output-dir", str(out)]) == 0
+    assert gpt_train.cli([*FAST, "--num-epochs", "1", "--output-dir", str(out), "--resume", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_resume_refuses_a_changed_text_and_takes_the_checkpoints_settings(tmp_path, capsys):
+    text = tmp_path / "story.txt"
+    text.write_text(" ".join(f"word{i % 97}" for i in range(6000)))
+    out = tmp_path / "run"
+    assert gpt_train.cli([*FAST, "--num-epochs", "1", "--max-steps", "2", "--output-dir", str(out),
+                          "--text-file", str(text), "--lr", "1e-3"]) == 0
+    # Without the flags, --resume takes the checkpoint's text file and learning rate.
+    assert gpt_train.cli(["--model", "tiny", "--no-progress", "--num-epochs", "1", "--max-steps", "3",
+                          "--output-dir", str(out), "--resume"]) == 0
+    saved = load_checkpoint(out / "checkpoint.pth")
+    assert saved["settings"]["lr"] == 1e-3 and saved["settings"]["text_file"] == str(text)
+    text.write_text(text.read_text() + " more")
+    assert gpt_train.cli([*FAST, "--num-epochs", "1", "--output-dir", str(out), "--resume"]) == 2
+    assert "is not the text" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", ["truncated", "garbage", "weights-only"])
+def test_resume_from_a_bad_checkpoint_is_one_clear_line(tmp_path, capsys, content):
+    out = tmp_path / "run"
+    assert gpt_train.cli([*FAST, "--num-epochs", "1", "--max-steps", "1", "--output-dir", str(out)]) == 0
+    path = out / "checkpoint.pth"
+    if content == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif content == "garbage":
+        path.write_bytes(b"\x00not a checkpoint" * 100)
+    else:
+        torch.save(load_checkpoint(path)["model"], path)  # the book's model.pth format
+    assert gpt_train.cli([*FAST, "--num-epochs", "1", "--output-dir", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(path) in err and err.count("\n") == 1
+
+
+def test_disk_full_while_saving_is_one_line_and_keeps_the_old_checkpoint(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert gpt_train.cli([*FAST, "--num-epochs", "1", "--max-steps", "1", "--output-dir", str(out)]) == 0
+    before = (out / "checkpoint.pth").read_bytes()
+
+    def full_disk(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert gpt_train.cli([*FAST, "--num-epochs", "1", "--max-steps", "2", "--output-dir", str(out),
+                          "--resume"]) == 2
+    assert "Disk full while saving" in capsys.readouterr().err
+    assert (out / "checkpoint.pth").read_bytes() == before
+    assert not (out / "checkpoint.pth.tmp").exists()
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--lr", "nan"], "--lr must be a positive number"),
+    (["--lr", "inf"], "--lr must be a positive number"),
+    (["--weight-decay", "nan"], "--weight-decay must be"),
+    (["--max-steps", "0"], "--max-steps must be at least 1"),
+    (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
+    (["--save-every-minutes", "-5"], "--save-every-minutes must be"),
+], ids=["lr-nan", "lr-inf", "wd-nan", "max-steps-0", "checkpoint-every-negative", "save-minutes-negative"])
+def test_bad_numbers_are_refused_up_front(tmp_path, capsys, flags, message):
+    assert gpt_train.cli([*FAST, "--output-dir", str(tmp_path / "o"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert not (tmp_path / "o").exists()
