@@ -2,10 +2,12 @@
 
 Meta's weights and tokenizers need a Hugging Face account and a license click, so
 CI (and anyone offline) cannot download them. These functions write files with the
-same layout instead: a Hugging Face checkpoint folder (config.json +
-model.safetensors) made by `transformers`' own `LlamaForCausalLM`, a tiktoken ranks
-file for the Llama 3 tokenizer learned from a little text, and a sentencepiece model
-for Llama 2. The notebooks' weight-loading cells then run the real code paths on them.
+same layout instead: a Hugging Face checkpoint folder (config.json and safetensors
+shards) and Meta's original Llama 2 layout (consolidated.00.pth), both made from
+`transformers`' own `LlamaForCausalLM`, a tiktoken ranks file for the Llama 3
+tokenizer learned from a little text, and a sentencepiece model for Llama 2. The
+notebooks' weight-loading cells then run the real code paths on them
+(llama_stand_in.py), and the tests compare the results with `transformers`.
 """
 
 import base64
@@ -140,20 +142,6 @@ def make_tiny_llama3_checkpoint(folder: str | Path, version: str = "3.2", n_merg
         save_file({name: state[name] for name in part}, str(folder / shard))
         weight_map.update(dict.fromkeys(part, shard))
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    return folder
-
-
-def make_tiny_llama2_checkpoint(folder: str | Path, seed: int = 123) -> Path:
-    """Like `make_tiny_llama3_checkpoint`, for Llama 2: a sentencepiece tokenizer.model beside the weights."""
-    import sentencepiece as spm
-    from transformers import LlamaForCausalLM
-
-    folder = Path(folder)
-    tokenizer_path = train_tiny_sentencepiece(SAMPLE_TEXT, folder / "spm")
-    (folder / "tokenizer.model").write_bytes(tokenizer_path.read_bytes())
-    vocab_size = spm.SentencePieceProcessor(model_file=str(tokenizer_path)).get_piece_size()
-    torch.manual_seed(seed)
-    LlamaForCausalLM(hf_llama_config("2", vocab_size)).save_pretrained(folder, safe_serialization=True)
     return folder
 
 

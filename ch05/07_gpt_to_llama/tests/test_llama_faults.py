@@ -164,3 +164,22 @@ def test_benchmark_rejects_bad_numbers_before_building_anything(argv, flag, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and err[-1].startswith("benchmark_llama.py: error: ") and flag in err[-1]
     assert "Traceback" not in "\n".join(err)
+
+
+def test_config_json_that_is_a_list(checkpoint):
+    (checkpoint / "config.json").write_text("[1, 2, 3]")
+    with pytest.raises(ValueError, match="holds a JSON list, not a model config") as err:
+        load_llama_checkpoint(checkpoint)
+    assert "config.json" in one_line(err)
+
+
+def test_benchmark_interrupted_exits_without_a_traceback(monkeypatch, capsys):
+    import benchmark_llama
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(benchmark_llama, "benchmark_generation", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark_llama.main(["--threads", "1"])
+    assert exit_info.value.code == 130 and capsys.readouterr().err.strip() == "interrupted"
