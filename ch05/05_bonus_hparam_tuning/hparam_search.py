@@ -1097,7 +1097,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         lock.acquire()
     except OSError as err:
-        print(f"error: cannot use --output-dir {args.output_dir}: {err.strerror or err}.", file=sys.stderr)
+        problem = "it is a file, not a folder" if args.output_dir.is_file() else (err.strerror or str(err))
+        print(f"error: cannot use --output-dir {args.output_dir}: {problem}.", file=sys.stderr)
         return 2
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

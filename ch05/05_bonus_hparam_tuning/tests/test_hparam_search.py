@@ -360,6 +360,35 @@ def test_sigterm_stops_the_search_and_its_workers_at_once(tmp_path):
     assert not (out / "hparam_search.lock").exists()  # released on the way out
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads child processes from /proc")
+def test_a_worker_killed_from_outside_ends_the_search_with_one_line(tmp_path):
+    out = tmp_path / "oom"
+    search, _, workers = _start_parallel_search(tmp_path, out)
+    spawned = [p for p in workers if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+    os.kill(spawned[0], signal.SIGKILL)  # what the kernel's out-of-memory killer does
+    try:
+        search.wait(timeout=60)
+        printed = search.stdout.read().decode()
+        assert search.returncode == 1, printed
+        assert "error: a worker process died (out of memory?)" in printed and "Traceback" not in printed
+        assert _wait_until_gone(workers, seconds=5) == []
+    finally:
+        for pid in [search.pid, *workers]:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert len(ledger_lines(out / "ledger.jsonl")) >= 2  # the finished trials are kept
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_any_trial(tmp_path, capsys):
+    target = tmp_path / "results"
+    target.write_text("my notes")
+    code = main(["--strategy", "grid", "--space", write_space(tmp_path, TINY_SPACE), "--output-dir", str(target),
+                 *TINY_RUN])
+    assert code == 2
+    assert capsys.readouterr().err == f"error: cannot use --output-dir {target}: it is a file, not a folder.\n"
+    assert target.read_text() == "my notes"
+
+
 def test_a_second_search_on_the_same_folder_is_refused(tmp_path, capsys):
     out = tmp_path / "busy"
     space = write_space(tmp_path, {**TINY_SPACE, "n_epochs": [100000]})  # runs until it is stopped
