@@ -3,6 +3,8 @@
     chainlit run app_orig.py                   # then open http://127.0.0.1:8000
     GPT2_MODEL_SIZE=355M chainlit run app_orig.py
 
+    CH05_INT8=1 chainlit run app_orig.py       # int8 weights: faster replies, a little less exact
+
 The first start downloads the weights (about 500 MB for 124M) into GPT2_MODELS_DIR
 (default: ./gpt2) with gpt_download.py; later starts need no network. GPT2_MODEL_SIZE
 is one of 124M (default), 355M, 774M, 1558M. GPT2_BASE_URL points the download at a
@@ -11,6 +13,7 @@ mirror or a local folder. CH05_DEVICE chooses the device (default: auto).
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import chainlit as cl
@@ -18,7 +21,7 @@ from ch05_utils import get_device
 from gpt_download import GPT2_CONFIGS, config_from_hparams, download_and_load_gpt2, load_weights_into_gpt
 from gpt_kv_cache import GPTModelKV
 from ui_chainlit_handlers import answer, start_chat, update_settings
-from ui_chat_core import ChatModel, make_chat_model
+from ui_chat_core import ChatModel, int8_requested, make_chat_model, warm_up
 
 MODEL_SIZE_ENV = "GPT2_MODEL_SIZE"
 MODELS_DIR_ENV = "GPT2_MODELS_DIR"
@@ -32,11 +35,15 @@ def load_model() -> tuple[ChatModel | None, str | None]:
         return None, f"{MODEL_SIZE_ENV}={size!r} is not a GPT-2 size: use one of {', '.join(GPT2_CONFIGS)}."
     models_dir = Path(os.environ.get(MODELS_DIR_ENV) or DEFAULT_MODELS_DIR)
     try:
+        start = time.perf_counter()
         settings, params = download_and_load_gpt2(size, models_dir)
         model = GPTModelKV(config_from_hparams(settings))
         load_weights_into_gpt(model, params)
-        return make_chat_model(model.to(get_device(os.environ.get("CH05_DEVICE", "auto"))),
-                               f"OpenAI GPT-2 {size}"), None
+        chat = make_chat_model(model.to(get_device(os.environ.get("CH05_DEVICE", "auto"))), f"OpenAI GPT-2 {size}",
+                               int8=int8_requested())
+        warm_up(chat)
+        print(f"GPT-2 {size} ready after {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        return chat, None
     except Exception as err:  # any failure is shown in the page instead of a dead server
         print(f"error: could not load GPT-2 {size}: {err}", file=sys.stderr)
         return None, (f"Could not load GPT-2 {size} into `{models_dir}`: {err}\n\nWithout internet, copy the "

@@ -6,12 +6,16 @@ so everything here can be tested with a tiny model and no web server.
 - `GenerationSettings` / `validate_settings`: the per-session chat settings and their ranges.
 - `prepare_prompt`: tokenize, and cut long prompts from the left so the reply still fits.
 - `reply_pieces`: generate with the KV cache and turn tokens into text pieces as they come.
+  Replies of all sessions go through one `ui_batching.Batcher`, so sessions that generate
+  at the same time share forward passes; `reply_text` generates alone, which is what
+  every batched reply must equal.
 - `stream_in_thread`: run that generator in a worker thread and hand the pieces to asyncio,
   so a reply being generated never blocks the web server's event loop (other users).
 """
 
 import asyncio
 import codecs
+import os
 import secrets
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -20,20 +24,27 @@ from pathlib import Path
 
 import tiktoken
 import torch
-from ch05_utils import get_device, load_checkpoint
-from gpt_kv_cache import GPTModelKV, generate_stream
+from ch05_utils import config_from_state_dict, get_device, load_state_dict_checked, read_model_state_dict
+from gpt_kv_cache import GPTModelKV, compile_enabled, generate_stream
 from previous_chapters import get_tokenizer
+from ui_batching import Batcher, Request
 
 END_OF_TEXT = "<|endoftext|>"
 MAX_NEW_TOKENS_LIMIT = 1000  # the upper end of the setting, for models with long contexts
 
 
+INT8_ENV = "CH05_INT8"  # "1": the apps decode with int8 weights
+
+
 @dataclass
 class ChatModel:
-    """A model ready to chat: in eval mode, with its tokenizer and a name for the page."""
+    """A model ready to chat: in eval mode, with its tokenizer, a name for the page and
+    the batcher that generates every session's replies (int8 weights if `int8`)."""
     model: GPTModelKV
     tokenizer: tiktoken.Encoding
     name: str
+    int8: bool = False
+    batcher: Batcher | None = None
 
     @property
     def context_length(self) -> int:
@@ -44,18 +55,44 @@ class ChatModel:
         return self.model.tok_emb.num_embeddings
 
 
-def make_chat_model(model: GPTModelKV, name: str) -> ChatModel:
+def make_chat_model(model: GPTModelKV, name: str, *, int8: bool = False, max_batch: int = 8) -> ChatModel:
     """Wrap `model` for chatting. It is switched to eval mode here, once, for good:
-    dropout must be off when generating, and the KV-cache path refuses training mode."""
-    return ChatModel(model.eval(), get_tokenizer(), name)
+    dropout must be off when generating, and the KV-cache path refuses training mode.
+    Raises ValueError if `int8` is asked for a model that cannot be quantized."""
+    model.eval()
+    chat = ChatModel(model, get_tokenizer(), name + (" (int8 weights)" if int8 else ""), int8)
+    ctx, vocab = chat.context_length, chat.vocab_size
+
+    def check_settings(request: Request) -> None:
+        validate_settings({"temperature": request.temperature, "top_k": request.top_k or 0, "top_p": request.top_p,
+                           "max_new_tokens": request.max_new_tokens, "seed": request.seed}, ctx, vocab)
+
+    chat.batcher = Batcher(model, max_batch=max_batch, int8=int8, check_settings=check_settings)
+    return chat
 
 
-def load_own_checkpoint(path: str | Path, device: str = "auto") -> ChatModel:
-    """The model saved by `gpt_train.py` (its config travels in the checkpoint)."""
-    checkpoint = load_checkpoint(path)
-    model = GPTModelKV(checkpoint["config"])
-    model.load_state_dict(checkpoint["model"])
-    return make_chat_model(model.to(get_device(device)), f"your model ({Path(path).name})")
+def int8_requested() -> bool:
+    """The apps' int8 setting: CH05_INT8=1 (anything else but 0 or empty is refused)."""
+    value = os.environ.get(INT8_ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{INT8_ENV} must be 1 (int8 weights) or 0 (float32), got {value!r}")
+    return value == "1"
+
+
+def warm_up(chat: ChatModel) -> None:
+    """Compile the decoding step now (when torch.compile is on), so that the first
+    reader does not wait for it: a two-token reply through the batcher."""
+    if compile_enabled():
+        chat.batcher.generate([chat.tokenizer.eot_token], 2)
+
+
+def load_own_checkpoint(path: str | Path, device: str = "auto", *, int8: bool = False) -> ChatModel:
+    """The model of a gpt_train.py `checkpoint.pth`, or of the book's `model.pth` /
+    `model_and_optimizer.pth`; only the model's tensors are read from the file."""
+    state_dict, config = read_model_state_dict(path)  # memory-mapped: an optimizer state is never read
+    model = GPTModelKV(config or config_from_state_dict(state_dict))
+    load_state_dict_checked(model, state_dict, path)
+    return make_chat_model(model.to(get_device(device)), f"your model ({Path(path).name})", int8=int8)
 
 
 #####################################
@@ -182,18 +219,22 @@ class TextStream:
 
 def reply_token_ids(chat: ChatModel, prompt_ids: list[int], settings: GenerationSettings,
                     should_stop: Callable[[], bool] = lambda: False) -> Iterator[int]:
-    """The reply's token ids as they are generated (the end-of-text token is not yielded)."""
+    """The reply's token ids as the batcher generates them (the end-of-text token is not
+    yielded). Once `should_stop()` is true the request leaves the batch."""
+    request = chat.batcher.submit(prompt_ids, settings.max_new_tokens, temperature=settings.temperature,
+                                  top_k=settings.top_k, top_p=settings.top_p, seed=settings.seed,
+                                  eos_id=chat.tokenizer.eot_token)
+    yield from request.stream(should_stop)
+
+
+def alone_token_ids(chat: ChatModel, prompt_ids: list[int], settings: GenerationSettings) -> list[int]:
+    """The reply generated alone, without the batcher (`generate_stream`): what a
+    batched reply with the same seed must equal."""
     seed = settings.seed if settings.seed >= 0 else secrets.randbelow(2**31)
-    device = chat.model.tok_emb.weight.device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    eos_id = chat.tokenizer.eot_token
-    for token_id in generate_stream(
-        chat.model, prompt_ids, settings.max_new_tokens, temperature=settings.temperature,
-        top_k=settings.top_k or None, top_p=settings.top_p, eos_id=eos_id, generator=generator,
-    ):
-        if token_id == eos_id or should_stop():
-            return
-        yield token_id
+    generator = torch.Generator(device=chat.model.tok_emb.weight.device).manual_seed(seed)
+    return list(generate_stream(chat.model, prompt_ids, settings.max_new_tokens, temperature=settings.temperature,
+                                top_k=settings.top_k or None, top_p=settings.top_p, eos_id=chat.tokenizer.eot_token,
+                                generator=generator, int8=chat.int8))
 
 
 def reply_pieces(chat: ChatModel, prompt_ids: list[int], settings: GenerationSettings,
@@ -208,8 +249,9 @@ def reply_pieces(chat: ChatModel, prompt_ids: list[int], settings: GenerationSet
 
 
 def reply_text(chat: ChatModel, prompt_ids: list[int], settings: GenerationSettings) -> str:
-    """The whole reply at once, decoded in one go (what the streamed pieces must add up to)."""
-    return chat.tokenizer.decode(list(reply_token_ids(chat, prompt_ids, settings)))
+    """The whole reply, generated alone and decoded in one go: what the streamed pieces
+    of a batched reply with the same seed must add up to."""
+    return chat.tokenizer.decode(alone_token_ids(chat, prompt_ids, settings))
 
 
 async def stream_in_thread(make_pieces: Callable[[Callable[[], bool]], Iterator[str]]) -> AsyncIterator[str]:

@@ -1,16 +1,22 @@
 """How fast does the chat app generate? Tokens per second, greedy, one sequence.
 
-    python ui_generation_benchmark.py                    # 124M shape, 200 new tokens
+    python ui_generation_benchmark.py                          # 124M shape, 200 new tokens
+    python ui_generation_benchmark.py --model 1558M --new-tokens 20 --no-transformers
+    python ui_generation_benchmark.py --profile                # where a plain decoding step spends its time
     python ui_generation_benchmark.py --model tiny --new-tokens 20 --repeats 1
 
-Compares, with the same random weights in the same process:
-  1. our model with the KV cache (`gpt_kv_cache.generate_stream`, what the apps use),
-  2. our model without it (the chapter's `generate`, a full forward pass per token),
-  3. Hugging Face `transformers`' `GPT2LMHeadModel.generate` (its own KV cache).
+Compares, with the same random weights (untied output head, as `load_weights_into_gpt`
+gives) in the same process, taking turns round after round:
+  - ours, KV cache: `gpt_kv_cache.generate_stream`, what the apps use (compiled step),
+  - ours, KV cache, int8: the same with int8 weights (`int8=True`),
+  - ours, KV cache, plain PyTorch: the same step without torch.compile,
+  - Hugging Face `transformers`' `GPT2LMHeadModel.generate` (its own KV cache),
+  - with --uncached: the chapter's `generate` (a full forward pass per token; slow).
 
 Decoding one sequence is bound by memory bandwidth: every new token reads every weight
-once. The script measures how fast this machine reads memory and prints each result as
-a fraction of the resulting ceiling, tokens/s <= bandwidth / bytes of weights.
+once. The script measures how fast this machine reads memory with the same number of
+threads and prints each result as a fraction of the resulting ceiling, tokens/s <=
+bandwidth / bytes of float32 weights read per token.
 """
 
 import argparse
@@ -18,16 +24,18 @@ import sys
 import time
 
 import torch
-from ch05_utils import generate
-from gpt_kv_cache import GPTModelKV, generate_stream
-from previous_chapters import GPT_CONFIG_124M, GPTModel, get_tokenizer
+from gpt_kv_cache import GPTModelKV, decode_rows, decode_threads, forward_cached, generate_stream, inference_weights
+from previous_chapters import GPT_CONFIG_124M, GPTModel, generate, get_tokenizer
 
 BENCHMARK_CONFIGS = {
-    # OpenAI's GPT-2 small: the shape app_orig.py runs (1024 positions, biased q/k/v).
+    # OpenAI's GPT-2 small and XL: the shapes app_orig.py runs (1024 positions, biased q/k/v).
     "124M": {**GPT_CONFIG_124M, "context_length": 1024, "qkv_bias": True, "drop_rate": 0.0},
+    "1558M": {**GPT_CONFIG_124M, "context_length": 1024, "emb_dim": 1600, "n_heads": 25, "n_layers": 48,
+              "qkv_bias": True, "drop_rate": 0.0},
     "tiny": {**GPT_CONFIG_124M, "context_length": 256, "emb_dim": 64, "n_heads": 4, "n_layers": 2,
              "qkv_bias": True, "drop_rate": 0.0},
 }
+BASELINE = "ours, KV cache"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,18 +45,48 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", default="Every effort moves you", help="Prompt to continue.")
     parser.add_argument("--repeats", type=int, default=3,
                         help="Rounds in which every method runs once (the best time of each counts).")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
-    parser.add_argument("--skip-uncached", action="store_true", help="Skip the slow run without a KV cache.")
-    parser.add_argument("--skip-transformers", action="store_true", help="Skip the transformers comparison.")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: what gpt_kv_cache picks for decoding).")
+    parser.add_argument("--uncached", action="store_true", help="Also run the chapter's generate (slow).")
+    parser.add_argument("--no-transformers", action="store_true", help="Skip the transformers comparison.")
+    parser.add_argument("--no-plain", action="store_true", help="Skip the run without torch.compile.")
+    parser.add_argument("--no-int8", action="store_true", help="Skip the int8 run.")
+    parser.add_argument("--profile", action="store_true",
+                        help="Only profile plain (uncompiled) one-token steps with torch.profiler and print "
+                             "where the time goes.")
     parser.add_argument("--seed", type=int, default=123, help="Seed of the random weights.")
     return parser
 
 
+def check_args(args: argparse.Namespace, cfg: dict, prompt_len: int) -> str | None:
+    """The problem with the arguments, or None."""
+    if args.new_tokens < 1 or args.repeats < 1:
+        return "--new-tokens and --repeats must be at least 1."
+    if args.threads is not None and args.threads < 1:
+        return f"--threads must be at least 1, got {args.threads}."
+    if not prompt_len or prompt_len + args.new_tokens > cfg["context_length"]:
+        return (f"the prompt ({prompt_len} tokens) plus --new-tokens must fit the context length "
+                f"{cfg['context_length']} and the prompt must not be empty.")
+    return None
+
+
 def build_model(cfg: dict, seed: int) -> GPTModelKV:
-    """Random weights, output head tied to the token embedding as in OpenAI's GPT-2."""
-    torch.manual_seed(seed)
-    model = GPTModelKV(cfg)
-    model.out_head.weight = model.tok_emb.weight
+    """Random weights, quickly: built on the meta device, then filled with N(0, 0.02^2)
+    (GPT-2's initialization scale) and unit layer norms; the head is its own tensor."""
+    with torch.device("meta"):
+        model = GPTModelKV(cfg)
+    model = model.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name.endswith(".att.mask"):
+                tensor.copy_(torch.triu(torch.ones_like(tensor), diagonal=1))
+            elif name.endswith(".scale"):
+                tensor.fill_(1.0)
+            elif name.endswith((".shift", ".bias")):
+                tensor.zero_()
+            else:
+                tensor.normal_(0.0, 0.02, generator=generator)
     return model.eval()
 
 
@@ -104,8 +142,8 @@ def weight_bytes_per_token(model: GPTModel) -> int:
 def measure_read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
     """Bytes per second at which torch reads a buffer larger than any CPU cache (best of `repeats`).
 
-    Summing is about the simplest read there is; the matrix-vector products of decoding
-    read their weights about as fast, so this is the speed limit that matters.
+    Summing is about the simplest read there is, so this is the speed limit that
+    matters for decoding, which reads every weight once per token.
     """
     buffer = torch.ones(n_bytes // 4)
     buffer.sum()  # touch every page once before timing
@@ -117,33 +155,41 @@ def measure_read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
     return n_bytes / best
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.new_tokens < 1 or args.repeats < 1:
-        print("error: --new-tokens and --repeats must be at least 1.", file=sys.stderr)
-        return 2
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    cfg = BENCHMARK_CONFIGS[args.model]
-    prompt_ids = get_tokenizer().encode(args.prompt)
-    if not prompt_ids or len(prompt_ids) + args.new_tokens > cfg["context_length"]:
-        print(f"error: the prompt ({len(prompt_ids)} tokens) plus --new-tokens must fit the context length "
-              f"{cfg['context_length']} and the prompt must not be empty.", file=sys.stderr)
-        return 2
-    n = args.new_tokens
-    model = build_model(cfg, args.seed)
+def profile_steps(model: GPTModelKV, prompt_ids: list[int], steps: int = 20) -> None:
+    """Print where plain PyTorch one-token steps spend their time (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    weights = inference_weights(model)
+    cache = model.new_cache(capacity=len(prompt_ids) + steps + 1)
+    with torch.inference_mode():
+        forward_cached(weights, torch.tensor([prompt_ids]), cache, last_only=True)
+
+        def step():
+            decode_rows(weights, torch.tensor([11]), torch.tensor([cache.length]), cache, use_compile=False)
+            cache.length += 1
+
+        step()  # warm-up
+        start = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step()
+        wall = (time.perf_counter() - start) / steps
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40)
+    n_ops = sum(e.count for e in prof.key_averages()) / steps
+    print(f"{steps} plain one-token steps (profiled: {wall * 1e3:.1f} ms per step, {n_ops:.0f} profiled op "
+          "calls per step)")
+    print(table)
+
+
+def make_methods(model: GPTModelKV, args: argparse.Namespace, prompt_ids: list[int], cfg: dict) -> dict:
+    """name -> function(n) that generates n tokens greedily and returns them."""
+    methods = {BASELINE: lambda k: list(generate_stream(model, prompt_ids, k))}
+    if not args.no_int8:
+        methods["ours, KV cache, int8"] = lambda k: list(generate_stream(model, prompt_ids, k, int8=True))
+    if not args.no_plain:
+        methods["ours, KV cache, plain"] = lambda k: list(generate_stream(model, prompt_ids, k, use_compile=False))
     idx = torch.tensor([prompt_ids])
-
-    per_token = weight_bytes_per_token(model)
-    buffer_bytes = min(1 << 30, max(1 << 28, 2 * per_token))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, model {args.model} "
-          f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, fp32), greedy, "
-          f"{n} new tokens, best of {args.repeats} rounds")
-
-    methods = {"ours, KV cache": lambda k: list(generate_stream(model, prompt_ids, k))}
-    if not args.skip_uncached:
-        methods["ours, no cache"] = lambda k: generate(model, idx, k, cfg["context_length"])[0, idx.shape[1]:].tolist()
-    if not args.skip_transformers:
+    if not args.no_transformers:
         hf_model = to_transformers(model)
 
         def hf_generate(k: int) -> list[int]:
@@ -153,33 +199,71 @@ def main(argv: list[str] | None = None) -> int:
             return out[0, idx.shape[1]:].tolist()
 
         methods["transformers generate"] = hf_generate
+    if args.uncached:
+        methods["chapter's generate, no cache"] = \
+            lambda k: generate(model, idx, k, cfg["context_length"])[0, idx.shape[1]:].tolist()
+    return methods
 
-    # A short warm-up call takes one-time costs (allocations, lazy initialization) out
-    # of the timing. Then the methods take turns, round after round, and the bandwidth
-    # is measured in every round too: on a shared machine the load changes over time,
-    # and taking turns exposes every method to the same conditions.
-    for generate_n in methods.values():
+
+def run_rounds(methods: dict, n: int, repeats: int, buffer_bytes: int) -> tuple[dict, dict, float, dict]:
+    """Best seconds per method, its tokens, the best bandwidth, and first-call seconds."""
+    # A short first call takes one-time costs (compiling, allocations, lazy
+    # initialization) out of the timing; it is reported separately. Then the methods
+    # take turns, round after round, and the bandwidth is measured in every round too:
+    # on a shared machine the load changes over time, and taking turns exposes every
+    # method to the same conditions.
+    first = {}
+    for name, generate_n in methods.items():
+        start = time.perf_counter()
         generate_n(4)
-    best = dict.fromkeys(methods, float("inf"))
-    bandwidth, results = 0.0, {}
-    for _ in range(args.repeats):
+        first[name] = time.perf_counter() - start
+    best, results, bandwidth = dict.fromkeys(methods, float("inf")), {}, 0.0
+    for _ in range(repeats):
         bandwidth = max(bandwidth, measure_read_bandwidth(buffer_bytes))
         for name, generate_n in methods.items():
             start = time.perf_counter()
             results[name] = generate_n(n)
             best[name] = min(best[name], time.perf_counter() - start)
+    return best, results, bandwidth, first
+
+
+def report(best: dict, results: dict, bandwidth: float, first: dict, per_token: int, n: int) -> None:
     ceiling = bandwidth / per_token
-    print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s; weights read per token: {per_token / 1e9:.3f} GB "
-          f"-> ceiling {ceiling:.1f} tokens/s")
+    print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s; float32 weights read per token: "
+          f"{per_token / 1e9:.3f} GB -> ceiling {ceiling:.1f} tokens/s")
     for name, seconds in best.items():
         rate = n / seconds
-        print(f"{name:<22} {rate:8.1f} tokens/s  ({rate / ceiling:6.1%} of the ceiling)")
-    reference = results["ours, KV cache"]
+        print(f"{name:<30} {rate:8.1f} tokens/s  ({rate / ceiling:6.1%} of the ceiling, "
+              f"{best[BASELINE] / seconds:5.2f}x ours; first call {first[name]:.1f} s)")
+    reference = results[BASELINE]
     for name, tokens in results.items():
-        if name != "ours, KV cache":
+        if name != BASELINE:
+            same = sum(a == b for a, b in zip(tokens, reference, strict=True))
             differ = [i for i, (a, b) in enumerate(zip(tokens, reference, strict=True)) if a != b]
             verdict = "all the same" if not differ else f"first difference at new token {differ[0]}"
-            print(f"tokens of {name!r} vs the KV cache: {verdict}")
+            print(f"tokens of {name!r} vs ours: {same}/{len(reference)} equal, {verdict}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = BENCHMARK_CONFIGS[args.model]
+    prompt_ids = get_tokenizer().encode(args.prompt)
+    if problem := check_args(args, cfg, len(prompt_ids)):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads or decode_threads())
+    model = build_model(cfg, args.seed)
+    if args.profile:
+        profile_steps(model, prompt_ids)
+        return 0
+    per_token = weight_bytes_per_token(model)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, model {args.model} "
+          f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, fp32, untied head), greedy, "
+          f"{args.new_tokens} new tokens, best of {args.repeats} rounds")
+    methods = make_methods(model, args, prompt_ids, cfg)
+    buffer_bytes = min(1 << 30, max(1 << 28, 2 * per_token))
+    best, results, bandwidth, first = run_rounds(methods, args.new_tokens, args.repeats, buffer_bytes)
+    report(best, results, bandwidth, first, per_token, args.new_tokens)
     return 0
 
 

@@ -16,6 +16,10 @@ import torch
 
 APP_DIR = Path(__file__).resolve().parent.parent
 os.environ.setdefault("CHAINLIT_APP_ROOT", str(APP_DIR))
+# torch.compile takes a minute per model shape on a busy 2-core machine, and every test
+# here builds its own tiny model: the tests run the decoding step as plain PyTorch
+# (servers they start inherit this), except those that ask for the compiled step.
+os.environ.setdefault("CH05_COMPILE", "0")
 
 from ch05_utils import save_checkpoint_atomic  # noqa: E402
 from previous_chapters import GPT_CONFIG_124M, GPTModel  # noqa: E402
