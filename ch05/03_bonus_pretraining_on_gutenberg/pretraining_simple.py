@@ -373,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--eval-freq", "--eval_freq", type=int, default=100, help="Evaluate every N steps.")
     add("--eval-tokens", type=int, default=65_536, help="Validation tokens per evaluation.")
     add("--print-sample-iter", "--print_sample_iter", type=int, default=1000,
-        help="Print a greedy sample of --start-context every N steps.")
+        help="Print a greedy sample of --start-context every N steps (0: never).")
     add("--start-context", default="Every effort moves you", help="Prompt of the printed samples.")
     add("--checkpoint-every", "--save_ckpt_freq", type=int, default=500,
         help="Save a checkpoint every N steps (0: only at the end).")
@@ -402,13 +402,13 @@ def _flag(name: str) -> str:
 
 def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse out-of-range, NaN and infinite numbers before anything else happens."""
-    for name in ("batch_size", "num_epochs", "eval_freq", "eval_tokens", "print_sample_iter"):
+    for name in ("batch_size", "num_epochs", "eval_freq", "eval_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"{_flag(name)} must be >= 1, got {getattr(args, name)}.")
     for name in ("max_steps", "stop_after", "context_length"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"{_flag(name)} must be >= 1, got {getattr(args, name)}.")
-    for name in ("checkpoint_every", "warmup_steps"):
+    for name in ("checkpoint_every", "print_sample_iter", "warmup_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             parser.error(f"{_flag(name)} must be >= 0, got {getattr(args, name)}.")
     for name in ("lr", "initial_lr", "min_lr", "max_grad_norm", "weight_decay", "drop_rate"):
@@ -803,7 +803,7 @@ def train(run: Run, state: TrainState) -> int:
             log_step(run, state, index, loss, lr, grad_norm, time.perf_counter() - started, log, bar)
             if index % args.eval_freq == 0 or state.step == run.total_steps:
                 evaluate_and_report(run, state, index, epoch, loss, log, bar)
-            if index % args.print_sample_iter == 0 and run.is_main:
+            if args.print_sample_iter and index % args.print_sample_iter == 0 and run.is_main:
                 generate_and_print_sample(run.model, tokenizer, run.device, args.start_context, print_fn=bar.write)
             exit_code = save_or_stop(run, state, stop, steps_this_run, log)
             if exit_code is not None:

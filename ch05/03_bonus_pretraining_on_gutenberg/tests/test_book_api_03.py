@@ -31,7 +31,7 @@ pytestmark = pytest.mark.skipif(not RAW.is_dir(), reason=f"no raw Gutenberg book
 # The course's --debug model.
 COURSE_DEBUG_CONFIG = {"vocab_size": 50257, "context_length": 10, "emb_dim": 12, "n_heads": 2, "n_layers": 2,
                        "drop_rate": 0.0, "qkv_bias": False}
-QUIET = ["--eval-tokens", "64", "--no-progress", "--device", "cpu"]
+QUIET = ["--eval-tokens", "64", "--no-progress", "--device", "cpu", "--print-sample-iter", "0"]
 
 
 def metamorphosis(start: int, chars: int) -> str:
@@ -92,7 +92,7 @@ def test_the_course_flags_are_aliases_with_the_course_meaning():
 
 
 def test_the_course_flags_drive_a_run_on_a_folder_of_text_files(tmp_path, capsys, monkeypatch):
-    write_texts(tmp_path / "texts", [2500, 2500])
+    write_texts(tmp_path / "texts", [1500, 1500])
     saved_steps = []
 
     def recording_save(obj, path):
@@ -105,8 +105,8 @@ def test_the_course_flags_drive_a_run_on_a_folder_of_text_files(tmp_path, capsys
     out = tmp_path / "out"
     code, stdout, err = call(pretraining_simple.main, [
         "--data_dir", tmp_path / "texts", "--output_dir", out, "--n_epochs", "2", "--batch_size", "4",
-        "--eval_freq", "3", "--print_sample_iter", "4", "--save_ckpt_freq", "5", "--lr", "0.002",
-        "--debug", "true", *QUIET], capsys)
+        "--eval_freq", "3", "--save_ckpt_freq", "5", "--lr", "0.002", "--debug", "true", *QUIET,
+        "--print_sample_iter", "8"], capsys)
     assert code == 0, err
     train, _ = load_text_folder(tmp_path / "texts", progress=False)
     steps = 2 * (((len(train) - 1) // 32) // 4)  # two epochs of batches of 4 windows of 32 tokens
@@ -114,7 +114,7 @@ def test_the_course_flags_drive_a_run_on_a_folder_of_text_files(tmp_path, capsys
     assert [e["step"] for e in entries if "loss" in e] == list(range(steps))
     assert [e["step"] for e in entries if "val_loss" in e] == sorted({*range(0, steps, 3), steps - 1})
     assert max(e["lr"] for e in entries if "lr" in e) == pytest.approx(0.002)
-    assert stdout.count("Every effort moves you") == len(range(0, steps, 4))
+    assert stdout.count("Every effort moves you") == len(range(0, steps, 8))
     assert saved_steps == sorted({*range(5, steps + 1, 5), steps})
     state_dict = torch.load(out / "model_pg_final.pth", weights_only=True)
     GPTModel(MODEL_PRESETS["tiny"]).load_state_dict(state_dict, strict=True)
@@ -316,7 +316,7 @@ def test_train_model_simple_computes_what_the_course_loop_computes(tmp_path, cap
     out.mkdir()
     save_ckpt_freq = book_ends[0]  # the first book ends on a multiple of it: no file for it (the course's rule)
     tokenizer = tiktoken.get_encoding("gpt2")
-    result = train_model_simple(model, optimizer, "cpu", 1, 5, 1, 10, "Every effort moves you", out, save_ckpt_freq,
+    result = train_model_simple(model, optimizer, "cpu", 1, 5, 1, 100, "Every effort moves you", out, save_ckpt_freq,
                                 tokenizer, 4, 0.9, files=files)  # the course's argument order
     assert result == expected and len(result[0]) == book_ends[-1] // 5 + 1
     assert sorted(p.name for p in out.iterdir()) == [f"model_pg_{book_ends[1]}.pth"]

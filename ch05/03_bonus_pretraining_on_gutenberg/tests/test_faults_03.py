@@ -27,7 +27,7 @@ RAW = Path(os.environ.get("CH05_DATA_DIR", HERE.parents[2] / "shared" / "data"))
 pytestmark = pytest.mark.skipif(not RAW.is_dir(), reason=f"no raw Gutenberg books at {RAW}")
 # A tiny model and tiny evaluations: a run of a few steps takes seconds on a busy CPU.
 TINY = ["--debug", "true", "--batch-size", "4", "--eval-tokens", "64", "--eval-freq", "2", "--no-progress",
-        "--device", "cpu", "--lr", "1e-3", "--warmup-steps", "0"]
+        "--device", "cpu", "--lr", "1e-3", "--warmup-steps", "0", "--print-sample-iter", "0"]
 USER_FILES = {"pytorch_model_00001.bin": b"weights of the user", "my_text_2024.txt": b"notes of the user",
               "train_0000.bin": b"a file with one of our names, but not ours"}
 
@@ -266,7 +266,7 @@ def test_damaged_data_is_one_clear_line_and_never_trained_on(prepared, tmp_path,
 @pytest.mark.parametrize("flag,value", [("--drop-rate", "nan"), ("--drop-rate", "1.5"), ("--weight-decay", "inf"),
                                         ("--max-grad-norm", "nan"), ("--initial-lr", "inf"), ("--min-lr", "-1"),
                                         ("--lr", "nan"), ("--max-steps", "0"), ("--checkpoint-every", "-1"),
-                                        ("--warmup-steps", "-2"), ("--print-sample-iter", "0")])
+                                        ("--warmup-steps", "-2"), ("--print-sample-iter", "-1")])
 def test_bad_numbers_are_refused_before_anything_happens(prepared, tmp_path, capsys, flag, value):
     out = tmp_path / "out"
     code, _, err = call(pretraining_simple.main, ["--data-dir", prepared, "--output-dir", out, *TINY,
