@@ -582,9 +582,13 @@ def prepare(data_dir: Path, output_dir: Path, max_size_mb: float = 500.0, shard_
         folder = DatasetFolder(output_dir)
         folder.collect_garbage()  # what an interrupted run left behind
         new = folder.new_dataset_folder()
-        results = process_in_order(paths, min_english_share, workers, parallel)
-        splits, skipped = _write_books(results, len(paths), new, folder.register, max_size_mb, shard_tokens,
-                                       val_fraction, progress)
+        try:
+            results = process_in_order(paths, min_english_share, workers, parallel)
+            splits, skipped = _write_books(results, len(paths), new, folder.register, max_size_mb, shard_tokens,
+                                           val_fraction, progress)
+        except BaseException:  # Ctrl-C or an error: the current dataset stays; remove the partial new one
+            folder.collect_garbage()
+            raise
         settings = {"max_size_mb": max_size_mb, "shard_tokens": shard_tokens, "val_fraction": val_fraction,
                     "min_english_share": min_english_share, "seed": seed}
         metadata = _metadata(splits, skipped, new.name, settings)
@@ -749,6 +753,9 @@ def main(argv: list[str] | None = None) -> int:
                            progress=not args.no_progress)
     except (FileNotFoundError, ValueError, FolderInUseError) as err:
         parser.error(str(err))
+    except KeyboardInterrupt:
+        print(f"\nInterrupted: {args.output_dir / METADATA} and its dataset are unchanged.", file=sys.stderr)
+        return 130
     for name, split in metadata["splits"].items():
         print(f"{name}: {len(split['books'])} books, {split['tokens']:,} tokens in {len(split['shards'])} shard(s), "
               f"{len(split['text_files'])} text file(s)")

@@ -183,21 +183,40 @@ def test_kill_9_at_every_point_of_a_rerun_leaves_the_old_or_the_new_dataset(tmp_
     assert seen == {"old", "new"}
 
 
+def _start_rerun_and_wait_for_its_shards(raw: Path, out: Path) -> subprocess.Popen:
+    """Start `prepare_dataset.py` on a prepared folder; return once it writes the new dataset's shards."""
+    proc = subprocess.Popen([sys.executable, str(HERE / "prepare_dataset.py"), "--data-dir", str(raw),
+                             "--output-dir", str(out), "--shard-tokens", "500", "--workers", "1", "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list((out / "dataset-0002").glob("*.bin")):
+        time.sleep(0.005)
+    return proc
+
+
 def test_kill_9_of_a_real_rerun_process(tmp_path):
     """The same with a real `kill -9` of the command line, once the new dataset is being written."""
     raw, out = write_books(tmp_path / "raw", 12, chars=9000), tmp_path / "out"
     prepare(raw, out, shard_tokens=700, val_fraction=0.34, workers=1, progress=False)
     before = _dataset_contents(out)
-    proc = subprocess.Popen([sys.executable, str(HERE / "prepare_dataset.py"), "--data-dir", str(raw),
-                             "--output-dir", str(out), "--shard-tokens", "500", "--workers", "1", "--no-progress"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not list((out / "dataset-0002").glob("*.bin")):
-        time.sleep(0.005)
+    proc = _start_rerun_and_wait_for_its_shards(raw, out)
     proc.kill()
-    proc.wait()
+    proc.communicate()
     after = _dataset_contents(out)  # complete, whichever it is
     assert after == before or read_metadata(out)["settings"]["shard_tokens"] == 500
+
+
+def test_ctrl_c_of_a_rerun_keeps_the_old_dataset_and_removes_the_partial_new_one(tmp_path):
+    raw, out = write_books(tmp_path / "raw", 12, chars=9000), tmp_path / "out"
+    prepare(raw, out, shard_tokens=700, val_fraction=0.34, workers=1, progress=False)
+    before = _dataset_contents(out)
+    proc = _start_rerun_and_wait_for_its_shards(raw, out)
+    assert proc.poll() is None, "the re-run ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "Interrupted" in err and "Traceback" not in err, err
+    assert _dataset_contents(out) == before
+    assert not (out / "dataset-0002").exists()
 
 
 def test_a_dataset_of_the_earlier_flat_layout_is_replaced_and_removed(tmp_path):
