@@ -427,8 +427,10 @@ def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     data_dir, out = args.data_dir, args.output_dir
     has_metadata = (data_dir / "metadata.json").is_file()
     if not data_dir.is_dir() or not (has_metadata or text_files(data_dir)):
-        parser.error(f"--data-dir {data_dir} holds neither prepare_dataset.py's metadata.json nor .txt files: "
-                     "run prepare_dataset.py first (see README.md), or point it at a folder of text files.")
+        what = "holds neither prepare_dataset.py's metadata.json nor .txt files" if data_dir.is_dir() \
+            else "is not a folder"
+        parser.error(f"--data-dir {data_dir} {what}: run prepare_dataset.py first (see README.md), "
+                     "or point it at a folder of text files.")
     if args.data_format == "auto":
         args.data_format = "shards" if has_metadata else "plain"
     elif args.data_format in ("shards", "text") and not has_metadata:
