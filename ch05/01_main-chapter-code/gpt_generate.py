@@ -13,6 +13,11 @@ From the command line (streaming the text as it is generated):
 
 The text is printed as it is generated, one token at a time. --temperature 0 decodes
 greedily (the same text every time); above 0 it samples, reproducibly for a given --seed.
+Generation uses a KV cache (gpt_kv_cache.py): each new token costs one step over one
+position, and the tokens are exactly those of the chapter's `generate`, which
+--no-kv-cache runs instead (a full forward pass per token). --int8 decodes with int8
+weights (faster, slightly different numbers); --compile compiles the decoding step
+(--int8 always does), which pays off from a few hundred tokens on.
 """
 
 import argparse
@@ -24,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ch05_utils import get_device, load_gpt_model
+from gpt_kv_cache import compile_enabled, generate_stream, inference_weights
 from gpt_download import (  # noqa: F401  (the book's gpt_generate.py defines these names)
     MODEL_SIZES,
     config_from_hparams,
@@ -81,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=50, help="Sample only among the k most likely tokens; 0: all.")
     parser.add_argument("--seed", type=int, default=123, help="Seed of the sampling (same seed, same text).")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps.")
+    parser.add_argument("--no-kv-cache", action="store_true",
+                        help="Generate with the chapter's generate (a full forward pass per token), as in the book.")
+    parser.add_argument("--int8", action="store_true",
+                        help="Decode with int8 weights (one scale per output channel): faster, slightly different "
+                             "numbers. Compiles the decoding step.")
+    parser.add_argument("--compile", action="store_true",
+                        help="Compile the decoding step with torch.compile (takes a while the first time).")
     return parser
 
 
@@ -93,6 +106,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--n-heads must be at least 1, got {args.n_heads}.")
     if args.top_k < 0:
         raise ValueError(f"--top-k must be >= 0 (0 keeps every token), got {args.top_k}.")
+    if args.no_kv_cache and (args.int8 or args.compile):
+        raise ValueError("--int8 and --compile work on the KV-cache path: leave out --no-kv-cache.")
 
 
 def load_model(args: argparse.Namespace) -> tuple[GPTModel, str]:
@@ -125,6 +140,15 @@ def stream_tokens(model: GPTModel, token_ids: torch.Tensor, args: argparse.Names
         yield next_id
 
 
+def stream_tokens_kv(model: GPTModel, token_ids: torch.Tensor, args: argparse.Namespace, eos_id: int):
+    """`stream_tokens` with the KV cache: the same tokens from the same seed, one step
+    over one position per token (`gpt_kv_cache.generate_stream`)."""
+    generator = torch.Generator(device=token_ids.device).manual_seed(args.seed)
+    yield from generate_stream(model, token_ids[0].tolist(), args.max_new_tokens, temperature=args.temperature,
+                               top_k=args.top_k or None, eos_id=eos_id, generator=generator, int8=args.int8,
+                               use_compile=(args.compile or args.int8) and compile_enabled())
+
+
 def text_pieces(token_ids, tokenizer):
     """Yield the text of each token as soon as it is complete.
 
@@ -149,17 +173,25 @@ def cli(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     model.to(device).eval()
+    if args.int8:
+        try:
+            inference_weights(model, int8=True)  # quantize now: a model int8 cannot serve is refused here
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     tokenizer = get_tokenizer()
     eos_id = tokenizer.eot_token
     prompt_ids = tokenizer.encode(args.prompt, allowed_special={END_OF_TEXT}) or [eos_id]
     if len(prompt_ids) > model.pos_emb.weight.shape[0]:
         print(f"note: the prompt has {len(prompt_ids)} tokens; only the last {model.pos_emb.weight.shape[0]} "
               "fit the model's context.", file=sys.stderr)
-    print(f"[{name} on {device}]", file=sys.stderr)
+    path = "the chapter's generate" if args.no_kv_cache else "KV cache" + (", int8 weights" if args.int8 else "")
+    print(f"[{name} on {device}, {path}]", file=sys.stderr)
 
     print(args.prompt, end="", flush=True)
     token_ids = torch.tensor([prompt_ids], device=device)
-    for piece in text_pieces(stream_tokens(model, token_ids, args, eos_id), tokenizer):
+    stream = stream_tokens if args.no_kv_cache else stream_tokens_kv
+    for piece in text_pieces(stream(model, token_ids, args, eos_id), tokenizer):
         print(piece, end="", flush=True)
     print()
     return 0

@@ -309,44 +309,65 @@ def forward_cached(weights: InferenceWeights, in_idx: torch.Tensor, cache: KVCac
 # One new token per row: the decoding step
 #####################################
 
-def _attend_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                hidden: torch.Tensor | None) -> torch.Tensor:
-    """Attention of one query per row and head (b, heads, 1, hd) over `keys`/`values`
-    (b, heads, span, hd); `hidden` (b, span) marks positions a row may not see."""
-    if torch.compiler.is_compiling():  # plain loops that compile into a few fused kernels
-        scores = (q * keys).sum(-1, keepdim=True).transpose(-1, -2)
-    else:
-        scores = q @ keys.transpose(-1, -2)
-    if hidden is not None:
-        scores = scores.masked_fill(hidden[:, None, None, :], -torch.inf)
-    weights = torch.softmax(scores / math.sqrt(q.shape[-1]), dim=-1)
+def _scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """q (rows, heads, hd) . keys (rows, heads, span, hd) -> (rows, heads, span)."""
+    if torch.compiler.is_compiling():  # a plain loop, which compiles into a fused kernel
+        return (q.unsqueeze(2) * keys).sum(-1)
+    return (q.unsqueeze(2) @ keys.transpose(-1, -2)).squeeze(2)
+
+
+def _weighted_sum(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """probs (rows, heads, span) . values (rows, heads, span, hd) -> (rows, heads, hd)."""
     if torch.compiler.is_compiling():
-        return (weights.transpose(-1, -2) * values).sum(-2, keepdim=True)
-    return weights @ values
+        return (probs.unsqueeze(-1) * values).sum(-2)
+    return (probs.unsqueeze(2) @ values).squeeze(2)
+
+
+def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                hidden: torch.Tensor | None) -> torch.Tensor:
+    """Attention of one new token per row (q, k, v: (rows, heads, hd)) over the cached
+    positions (`keys`/`values`: (rows, heads, span, hd)) and itself.
+
+    The new token's own key and value are taken as they are: the step only reads the
+    cache, and its caller writes k and v into it afterwards (a compiled function that
+    also wrote into the cache would copy the whole cache at every step to do so).
+    `hidden` (rows, span) marks cached positions a row may not see.
+    """
+    scores = torch.cat([_scores(q, keys), (q * k).sum(-1, keepdim=True)], dim=-1)
+    if hidden is not None:
+        scores[:, :, :-1] = scores[:, :, :-1].masked_fill(hidden[:, None, :], -torch.inf)
+    probs = torch.softmax(scores / math.sqrt(q.shape[-1]), dim=-1)
+    return _weighted_sum(probs[:, :, :-1], values) + probs[:, :, -1:] * v
 
 
 def _decode_block(x: torch.Tensor, block: BlockWeights, keys: torch.Tensor, values: torch.Tensor,
-                  positions: torch.Tensor, span: int, n_heads: int, eps: float) -> torch.Tensor:
+                  positions: torch.Tensor, span: int, n_heads: int,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
     """One block for one new token per row (x: (rows, emb)); row r sits at `positions[r]`.
 
-    Its key and value go to that position of the row's cache; the row then attends to
-    its own positions 0..positions[r] among the first `span` of the cache.
+    The row attends to its cached positions 0..positions[r]-1 (all below `span`) and to
+    the new token. Returns the new x, the new token's key and value (for the caller to
+    store at positions[r]), and the vectors the block's matrix products read: a compiled
+    step stores a returned vector once, where it would otherwise recompute a layer norm
+    or GELU inside the product's loop, once for every row of the weight matrix.
     """
     rows, emb = x.shape
     head_dim = emb // n_heads
-    h = _layer_norm(x, block.norm1, eps)
-    q, k, v = (_linear(h, lin).view(rows, n_heads, head_dim) for lin in (block.query, block.key, block.value))
-    row_index = torch.arange(rows, device=x.device)
-    keys[row_index, :, positions], values[row_index, :, positions] = k, v
-    hidden = None if rows == 1 else torch.arange(span, device=x.device) > positions[:, None]
-    context = _attend_one(q.unsqueeze(2), keys[:, :, :span], values[:, :, :span], hidden)
-    x = x + _linear(context.reshape(rows, emb), block.out_proj)
-    return _feed_forward(x, block, eps)
+    h1 = _layer_norm(x, block.norm1, eps)
+    q, k, v = (_linear(h1, lin).view(rows, n_heads, head_dim) for lin in (block.query, block.key, block.value))
+    hidden = None if rows == 1 else torch.arange(span, device=x.device) >= positions[:, None]
+    context = _attend_one(q, k, v, keys[:, :, :span], values[:, :, :span], hidden).reshape(rows, emb)
+    x = x + _linear(context, block.out_proj)
+    h2 = _layer_norm(x, block.norm2, eps)
+    hidden_units = F.gelu(_linear(h2, block.expand), approximate="tanh")  # the chapter's GELU formula
+    return x + _linear(hidden_units, block.project), k, v, (h1, context, h2, hidden_units)
 
 
 def _decode_head(x: torch.Tensor, final_norm: tuple[torch.Tensor, torch.Tensor], head: LinearWeights,
-                 eps: float) -> torch.Tensor:
-    return _linear(_layer_norm(x, final_norm, eps), head)
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of the last layer's output x; also returns the normalized x (see `_decode_block`)."""
+    normalized = _layer_norm(x, final_norm, eps)
+    return _linear(normalized, head), normalized
 
 
 class _StepFunctions:
@@ -364,14 +385,9 @@ class _StepFunctions:
         if not use_compile or self.failed:
             return _decode_block, _decode_head
         if self.compiled is None:
-            # Inductor would otherwise recompute a layer norm or GELU inside the loop over
-            # the weight matrix that consumes it, once per row of weights; with threshold
-            # 0 every such intermediate vector is computed once and stored.
             # The first call compiles for its cache length; the second, with a longer
             # cache, compiles once more with the length as a variable.
-            options = {"realize_opcount_threshold": 0}
-            self.compiled = (torch.compile(_decode_block, options=options),
-                             torch.compile(_decode_head, dynamic=False, options=options))
+            self.compiled = (torch.compile(_decode_block), torch.compile(_decode_head, dynamic=False))
         return self.compiled
 
     def fall_back(self, err: Exception) -> None:
@@ -390,12 +406,15 @@ def compile_enabled() -> bool:
 
 def _run_step(token_ids: torch.Tensor, positions: torch.Tensor, weights: InferenceWeights, cache: KVCache,
               use_compile: bool) -> torch.Tensor:
-    span = int(positions.max()) + 1
+    span = int(positions.max())  # cached positions any row attends to
     block_fn, head_fn = _STEP.get(use_compile)
     x = weights.tok_emb[token_ids] + weights.pos_emb[positions]
+    rows = torch.arange(len(positions), device=positions.device)
     for layer, block in enumerate(weights.blocks):
-        x = block_fn(x, block, cache.keys[layer], cache.values[layer], positions, span, weights.n_heads, weights.eps)
-    return head_fn(x, weights.final_norm, weights.head, weights.eps)
+        keys, values = cache.keys[layer], cache.values[layer]
+        x, k, v, _ = block_fn(x, block, keys, values, positions, span, weights.n_heads, weights.eps)
+        keys[rows, :, positions], values[rows, :, positions] = k, v
+    return head_fn(x, weights.final_norm, weights.head, weights.eps)[0]
 
 
 def decode_rows(weights: InferenceWeights, token_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, *,
