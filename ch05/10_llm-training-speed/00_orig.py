@@ -21,6 +21,7 @@ Ctrl-C or SIGTERM stops after the current step and saves the checkpoint.
 """
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -56,8 +57,9 @@ from previous_chapters import (  # noqa: F401  (the course's 00_orig.py defines 
     token_ids_to_text,
 )
 from speed_settings import TrainSettings, add_common_arguments, check_output_dir, model_config, settings_from_args
-from speed_train import StopRequest
+from speed_train import StopRequest, TrainingDiverged, check_finite_weights
 from speed_utils import (
+    OutputLock,
     ThroughputMeter,
     book_text_path,
     default_text_path,
@@ -110,6 +112,12 @@ def run_baseline(settings: TrainSettings, cfg: dict) -> tuple[list, list, list, 
     """The chapter's training of `cfg` under the throughput meter; returns the losses, the
     tokens seen at each evaluation, the model and the throughput report."""
     check_output_dir(settings)
+    with OutputLock(settings.output_dir):  # a second run on this folder is refused
+        return train_baseline(settings, cfg)
+
+
+def train_baseline(settings: TrainSettings, cfg: dict) -> tuple[list, list, list, GPTModel, dict]:
+    """`run_baseline` once the output folder is checked and locked."""
     device = get_device(settings.device)
     text = read_text_file(settings.text_file or default_text_path())
     set_seed(settings.seed)
@@ -121,11 +129,15 @@ def run_baseline(settings: TrainSettings, cfg: dict) -> tuple[list, list, list, 
 
     def save() -> None:
         if settings.checkpoint_path is not None:
+            check_finite_weights(model, progress.global_step + 1, settings.checkpoint_path)
             save_checkpoint_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": cfg,
                                     "progress": progress.to_dict(), "rng": get_rng_states()},
                                    settings.checkpoint_path)
 
     def on_step(progress: TrainProgress) -> None:
+        if progress.train_losses and not math.isfinite(progress.train_losses[-1] + progress.val_losses[-1]):
+            raise TrainingDiverged(f"The loss became {progress.train_losses[-1]} (train) / {progress.val_losses[-1]} "
+                                   f"(val) at step {progress.global_step + 1}; stopped without saving. Lower --lr.")
         if settings.checkpoint_every and (progress.global_step + 1) % settings.checkpoint_every == 0:
             save()
 
@@ -197,6 +209,9 @@ def cli_main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ConnectionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -10,6 +10,7 @@ is refused before any work starts, whichever way the run was started.
 
 import argparse
 import math
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -149,7 +150,7 @@ def check_output_dir(settings: TrainSettings) -> None:
         raise ValueError(f"--output-dir {out} is a file, not a folder; pass a folder.")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{id(settings)}"
+        probe = out / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
@@ -157,6 +158,23 @@ def check_output_dir(settings: TrainSettings) -> None:
     if settings.checkpoint_path.exists() and not (settings.resume or settings.overwrite):
         raise ValueError(f"{settings.checkpoint_path} already exists: pass --resume to continue that run "
                          "or --overwrite to start a new one.")
+
+
+def course_run_settings(gpt_config: dict, settings: dict, *, eval_freq: int, on_cuda: bool,
+                        **extras) -> TrainSettings:
+    """The run that the course's optimized `main(gpt_config, settings)` (01 and 02) performs.
+
+    `settings` holds the course's keys `learning_rate`, `num_epochs`, `batch_size` and
+    `weight_decay`. Like the course: a constant learning rate, evaluation on one batch
+    every `eval_freq` steps, fused AdamW, bfloat16 weights, `torch.compile`, and TF32 and
+    pinned memory on CUDA GPUs. `extras` are further `TrainSettings` fields.
+    """
+    return TrainSettings(
+        context_length=gpt_config["context_length"], drop_rate=gpt_config["drop_rate"],
+        batch_size=settings["batch_size"], num_epochs=settings["num_epochs"], lr=settings["learning_rate"],
+        weight_decay=settings["weight_decay"], eval_freq=eval_freq, eval_iter=1, warmup_steps=1,
+        lr_warmup_frac=0.0, min_lr_ratio=1.0, fused_adamw=True, pure_bf16=True, compile=True,
+        tf32=on_cuda, pin_memory=on_cuda, overwrite=True, **extras)
 
 
 def model_config(settings: TrainSettings) -> dict:

@@ -197,6 +197,13 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite: continuing (or saving) would only spread it."""
 
 
+def check_finite_weights(model: nn.Module, step: int, checkpoint_path: Path | None) -> None:
+    """Refuse to save weights that hold NaN or infinity: they would replace the last good checkpoint."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise TrainingDiverged(f"The weights are not finite after step {step}; they were not saved "
+                               f"({checkpoint_path} keeps the last good checkpoint, if any). Lower --lr.")
+
+
 class StopRequest:
     """Ctrl-C or SIGTERM while training: finish the current step, save a checkpoint, stop.
 
@@ -276,6 +283,7 @@ class Trainer:
         """Rank 0 writes the checkpoint; the RNG states of every rank go into it (for dropout)."""
         if self.checkpoint_path is None:
             return
+        check_finite_weights(self.raw_model, self.step, self.checkpoint_path)
         rng_states = self.gather(get_rng_states())
         if self.rank == 0:
             save_checkpoint_atomic({**self.checkpoint(), "rng": rng_states}, self.checkpoint_path)
@@ -396,6 +404,14 @@ def make_trainer(settings: TrainSettings, cfg: dict, device: torch.device, token
         if rank == 0:
             print(f"Resuming from {trainer.checkpoint_path} at step {trainer.step}.")
     return trainer
+
+
+def course_results(trainer: Trainer) -> tuple[list, list, list, nn.Module]:
+    """What the course's `main` returns: training and validation loss at each evaluation, the
+    tokens this process has seen by then, and the trained model."""
+    steps = [step for step, _ in trainer.val_losses]
+    return ([trainer.train_losses[step - 1] for step in steps], [loss for _, loss in trainer.val_losses],
+            [step * trainer.tokens_per_step // trainer.world_size for step in steps], trainer.raw_model)
 
 
 def finish_run(trainer: Trainer, settings: TrainSettings, device: torch.device) -> dict:

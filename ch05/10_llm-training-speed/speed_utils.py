@@ -327,6 +327,66 @@ def save_figure_atomic(fig, path: Path) -> None:
     _publish(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png"))
 
 
+class OutputLock:
+    """`folder/.lock` holds the process id of the run using `folder`; a second run is refused.
+
+    Two runs writing the same `checkpoint.pth` would overwrite each other's work. A lock
+    left by a run that was killed (its process is gone) is taken over.
+    """
+
+    def __init__(self, folder: Path | None):
+        self.path = None if folder is None else Path(folder) / ".lock"
+        self.held = False
+
+    def acquire(self) -> "OutputLock":
+        if self.path is None:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                owner = _lock_owner(self.path)
+                if owner is not None and owner != os.getpid() and _process_alive(owner):
+                    raise ValueError(f"--output-dir {self.path.parent} is in use by another run (process {owner}); "
+                                     "wait for it to finish or pass another --output-dir.") from None
+                self.path.unlink(missing_ok=True)  # left behind by a run that no longer exists
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            self.held = True
+            return self
+        raise ValueError(f"Could not take the lock {self.path}; another run may be starting in that folder.")
+
+    def release(self) -> None:
+        if self.held and _lock_owner(self.path) == os.getpid():
+            self.path.unlink(missing_ok=True)
+        self.held = False
+
+    def __enter__(self) -> "OutputLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _lock_owner(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
 def _publish(path: Path, write: Callable[[Path], object]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

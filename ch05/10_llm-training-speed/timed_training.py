@@ -1,4 +1,4 @@
-"""The course's `train_model_simple_with_timing`: the chapter's training loop with a tokens/s meter.
+"""The course's `train_model_simple_with_timing` (the chapter's loop with a tokens/s meter) and data loaders.
 
 The loop itself is the chapter's `train_model_simple` (same batches, evaluations and
 samples, resumable); this module only times it and prints the course's progress line
@@ -9,11 +9,18 @@ samples, resumable); this module only times it and prints the course's progress 
 Both come from `ThroughputMeter`: synchronized timers, the first `warmup_steps` steps
 and every step that also evaluated or generated a sample left out (the course's meter
 instead skips only the first interval and counts the evaluation time).
+
+The data loaders are the chapter's `create_dataloader_v1` with the course's changes for
+01 (pinned memory) and 02 (a `DistributedSampler` that gives every rank its own batches).
 """
 
 import torch
-from previous_chapters import TrainProgress, train_model_simple
+import torch.nn as nn
+from previous_chapters import GPTDatasetV1, TrainProgress, get_tokenizer, train_model_simple
 from speed_utils import ThroughputMeter, synchronize
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
 
 
 class _StopTraining(Exception):
@@ -24,15 +31,23 @@ def train_model_simple_with_timing(model, train_loader, val_loader, optimizer, d
                                    eval_iter, start_context, tokenizer, *, warmup_steps: int = 1,
                                    progress: TrainProgress | None = None, max_steps: int | None = None,
                                    on_step=None, should_stop=None, meter: ThroughputMeter | None = None,
-                                   progress_bar: bool = False, print_fn=print, is_main_process: bool = True):
+                                   progress_bar: bool = False, print_fn=print, is_main_process: bool = True,
+                                   world_size: int = 1):
     """Train as the chapter does and print the course's tokens/s lines; returns
     (train_losses, val_losses, track_tokens_seen), as the course's function does.
 
     Keyword-only extras: `progress`/`max_steps`/`on_step` as in `train_model_simple`
     (resuming, early stop, checkpoints); `should_stop()` is asked after every step and
     ends the run early when it returns True; `meter` lets the caller read the figures
-    afterwards; `is_main_process=False` silences the printing (DDP ranks other than 0).
+    afterwards; `is_main_process=False` silences the printing (DDP ranks other than 0);
+    `world_size` ranks that each train on batches like this one's count as that many
+    times the tokens. A `DistributedDataParallel` model and a `DistributedSampler` work.
     """
+    sampler = getattr(train_loader, "sampler", None)
+    if isinstance(sampler, DistributedSampler):  # a new shuffle order for every epoch, the same on all ranks
+        sampler.set_epoch(progress.epoch if progress is not None else 0)
+    if isinstance(model, DistributedDataParallel):
+        model = DDPChapterView(model)
     progress = progress if progress is not None else TrainProgress()
     meter = meter or ThroughputMeter(warmup_steps, sync=lambda: synchronize(device))
     last = {"tokens": 0, "seconds": 0.0, "lines": len(progress.train_losses), "tokens_seen": progress.tokens_seen}
@@ -55,10 +70,12 @@ def train_model_simple_with_timing(model, train_loader, val_loader, optimizer, d
     def step_done(progress: TrainProgress) -> None:
         evaluated = progress.global_step % eval_freq == 0
         sampled = progress.batches_done == 0  # an epoch ended and a sample was generated
-        meter.stop(progress.tokens_seen - last["tokens_seen"], discard=evaluated or sampled)
+        meter.stop((progress.tokens_seen - last["tokens_seen"]) * world_size, discard=evaluated or sampled)
         last["tokens_seen"] = progress.tokens_seen
         if sampled and is_main_process:
             print_memory(device, print_fn)
+        if sampled and isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(progress.epoch)
         if on_step is not None:
             on_step(progress)
         if should_stop is not None and should_stop():
@@ -81,3 +98,40 @@ def print_memory(device: torch.device, print_fn=print) -> None:
     if device.type == "cuda":
         print_fn(f"\nAllocated memory: {torch.cuda.memory_allocated(device) / 1024**3:.4f} GB")
         print_fn(f"Reserved memory: {torch.cuda.memory_reserved(device) / 1024**3:.4f} GB\n")
+
+
+class DDPChapterView(nn.Module):
+    """A `DistributedDataParallel` model as the chapter's loop expects it: calls go through
+    DDP (so gradients are averaged), `pos_emb` is read from the wrapped model (the sample
+    after each epoch needs the context length)."""
+
+    def __init__(self, ddp_model: DistributedDataParallel):
+        super().__init__()
+        self.ddp_model = ddp_model
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.ddp_model(idx)
+
+    @property
+    def pos_emb(self) -> nn.Embedding:
+        return self.ddp_model.module.pos_emb
+
+
+def create_dataloader(txt: str, batch_size: int = 4, max_length: int = 256, stride: int = 128,
+                      shuffle: bool = True, drop_last: bool = True, num_workers: int = 0, *,
+                      pin_memory: bool | None = None, distributed: bool = False,
+                      generator: torch.Generator | None = None) -> DataLoader:
+    """The chapter's `create_dataloader_v1` with the course's options for 01 and 02.
+
+    `pin_memory` (default: when CUDA is available, as the course's 01 asks for it on a GPU)
+    lets batches be copied to the GPU without blocking. `distributed=True` gives every
+    DDP rank its own share of the windows through a `DistributedSampler` (which shuffles,
+    so `shuffle` then only decides whether the sampler does).
+    """
+    dataset = GPTDatasetV1(txt, get_tokenizer(), max_length, stride)
+    pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+    if distributed:
+        return DataLoader(dataset, batch_size=batch_size, drop_last=drop_last, num_workers=num_workers,
+                          pin_memory=pin, sampler=DistributedSampler(dataset, shuffle=shuffle))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                      num_workers=num_workers, pin_memory=pin, generator=generator)
