@@ -198,7 +198,7 @@ def write_outputs(settings: TrainSettings, losses: tuple[list, list, list], repo
         plt.close("all")
 
 
-def cli_main(argv: list[str] | None = None) -> int:
+def cli(argv: list[str] | None = None) -> int:
     """The command line: `python 00_orig.py [flags]`."""
     args = build_parser().parse_args(argv)
     try:
@@ -216,4 +216,4 @@ def cli_main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main())
+    sys.exit(cli())

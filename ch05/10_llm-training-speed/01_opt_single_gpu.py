@@ -145,7 +145,7 @@ def train(trainer: Trainer) -> dict:
     return finish_run(trainer, settings, trainer.device)
 
 
-def cli_main(argv: list[str] | None = None) -> int:
+def cli(argv: list[str] | None = None) -> int:
     """The command line: `python 01_opt_single_gpu.py [flags]`."""
     args = build_parser().parse_args(argv)
     try:
@@ -163,4 +163,4 @@ def cli_main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main())
+    sys.exit(cli())

@@ -147,7 +147,7 @@ class RankError(ValueError):
         self.exit_code = exit_code
 
 
-def cli_main(argv: list[str] | None = None) -> int:
+def cli(argv: list[str] | None = None) -> int:
     """The command line: `torchrun --nproc_per_node=N 02_opt_multi_gpu_ddp.py [flags]`."""
     args = build_parser().parse_args(argv)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -295,4 +295,4 @@ def main(gpt_config: dict, settings: dict, rank: int, world_size: int, *, text_f
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main())
+    sys.exit(cli())

@@ -181,7 +181,7 @@ CPU_FLAGS = [[], ["--mask-on-the-fly"], ["--fused-adamw"], ["--bf16"], ["--pure-
 @pytest.mark.parametrize("flags", CPU_FLAGS, ids=lambda f: " ".join(f) or "no-flag")
 def test_every_cpu_flag_trains_a_few_steps(opt, tmp_path, flags):
     metrics = tmp_path / "metrics.json"
-    rc = opt.cli_main([*TINY_ARGS, "--max-steps", "3", "--output-dir", str(tmp_path), "--metrics-json", str(metrics),
+    rc = opt.cli([*TINY_ARGS, "--max-steps", "3", "--output-dir", str(tmp_path), "--metrics-json", str(metrics),
                    *flags])
     assert rc == 0
     losses = read_json(tmp_path / "losses.json")
@@ -195,7 +195,7 @@ def test_every_cpu_flag_trains_a_few_steps(opt, tmp_path, flags):
 
 @pytest.mark.parametrize("flag", ["--tf32", "--pin-memory"])
 def test_cuda_only_flags_are_refused_on_cpu(opt, tmp_path, capsys, flag):
-    assert opt.cli_main([*TINY_ARGS, "--output-dir", str(tmp_path), flag]) == 2
+    assert opt.cli([*TINY_ARGS, "--output-dir", str(tmp_path), flag]) == 2
     assert f"{flag} works only with --device cuda" in capsys.readouterr().err
 
 
@@ -203,15 +203,15 @@ def test_cuda_only_flags_are_refused_on_cpu(opt, tmp_path, capsys, flag):
                                           (["--bf16", "--pure-bf16"], "exclude each other"),
                                           (["--batch-size", "100"], "is shorter than one batch of 100 x 32 tokens")])
 def test_bad_input_gives_a_clear_error(opt, tmp_path, capsys, bad, message):
-    assert opt.cli_main([*TINY_ARGS, "--output-dir", str(tmp_path), *bad]) == 2
+    assert opt.cli([*TINY_ARGS, "--output-dir", str(tmp_path), *bad]) == 2
     assert message in capsys.readouterr().err
 
 
 def test_keeping_gradient_buffers_changes_no_result(opt, tmp_path):
     """Zeroing in place instead of freeing: the same sums, so the same losses and weights."""
     common = [*TINY_ARGS, "--max-steps", "3", "--grad-accum-steps", "2", "--drop-rate", "0.1"]
-    assert opt.cli_main([*common, "--output-dir", str(tmp_path / "freed")]) == 0
-    assert opt.cli_main([*common, "--output-dir", str(tmp_path / "kept"), "--keep-grad-buffers"]) == 0
+    assert opt.cli([*common, "--output-dir", str(tmp_path / "freed")]) == 0
+    assert opt.cli([*common, "--output-dir", str(tmp_path / "kept"), "--keep-grad-buffers"]) == 0
     freed, kept = (read_json(tmp_path / d / "losses.json") for d in ("freed", "kept"))
     assert kept == freed
     weights = [torch.load(tmp_path / d / "checkpoint.pth", weights_only=True)["model"] for d in ("freed", "kept")]
@@ -243,10 +243,10 @@ def test_benchmark_refuses_a_bad_drop_rate():
 
 def test_01_resumes_exactly_where_it_stopped(opt, tmp_path):
     common = [*TINY_ARGS, "--drop-rate", "0.1", "--eval-freq", "1"]  # dropout: the RNG state must be restored
-    assert opt.cli_main([*common, "--max-steps", "4", "--output-dir", str(tmp_path / "straight")]) == 0
-    assert opt.cli_main([*common, "--max-steps", "2", "--output-dir", str(tmp_path / "resumed")]) == 0
-    assert opt.cli_main([*common, "--max-steps", "4", "--output-dir", str(tmp_path / "resumed")]) == 2  # no --resume
-    assert opt.cli_main([*common, "--max-steps", "4", "--output-dir", str(tmp_path / "resumed"), "--resume"]) == 0
+    assert opt.cli([*common, "--max-steps", "4", "--output-dir", str(tmp_path / "straight")]) == 0
+    assert opt.cli([*common, "--max-steps", "2", "--output-dir", str(tmp_path / "resumed")]) == 0
+    assert opt.cli([*common, "--max-steps", "4", "--output-dir", str(tmp_path / "resumed")]) == 2  # no --resume
+    assert opt.cli([*common, "--max-steps", "4", "--output-dir", str(tmp_path / "resumed"), "--resume"]) == 0
     straight, resumed = (read_json(tmp_path / d / "losses.json") for d in ("straight", "resumed"))
     assert len(straight["train_losses"]) == 4
     assert resumed["train_losses"] == pytest.approx(straight["train_losses"], rel=1e-6)
@@ -257,10 +257,10 @@ def test_01_resumes_exactly_where_it_stopped(opt, tmp_path):
 def test_00_trains_reports_and_resumes(orig, tmp_path):
     common = [*TINY_ARGS, "--eval-freq", "2"]  # evaluates at steps 0 and 2
     metrics = tmp_path / "metrics.json"
-    assert orig.cli_main([*common, "--max-steps", "4", "--output-dir", str(tmp_path / "straight"),
+    assert orig.cli([*common, "--max-steps", "4", "--output-dir", str(tmp_path / "straight"),
                       "--metrics-json", str(metrics)]) == 0
-    assert orig.cli_main([*common, "--max-steps", "2", "--output-dir", str(tmp_path / "resumed")]) == 0
-    assert orig.cli_main([*common, "--max-steps", "4", "--output-dir", str(tmp_path / "resumed"), "--resume"]) == 0
+    assert orig.cli([*common, "--max-steps", "2", "--output-dir", str(tmp_path / "resumed")]) == 0
+    assert orig.cli([*common, "--max-steps", "4", "--output-dir", str(tmp_path / "resumed"), "--resume"]) == 0
     straight, resumed = (read_json(tmp_path / d / "losses.json") for d in ("straight", "resumed"))
     assert len(straight["val_losses"]) == 2
     assert resumed["val_losses"] == pytest.approx(straight["val_losses"], rel=1e-6)
@@ -272,7 +272,7 @@ def test_00_trains_reports_and_resumes(orig, tmp_path):
 
 def test_ddp_with_two_cpu_processes_matches_one_process_with_gradient_accumulation(opt, tmp_path):
     common = [*TINY_ARGS, "--drop-rate", "0.0", "--max-steps", "3", "--eval-freq", "3"]
-    assert opt.cli_main([*common, "--grad-accum-steps", "2", "--output-dir", str(tmp_path / "single")]) == 0
+    assert opt.cli([*common, "--grad-accum-steps", "2", "--output-dir", str(tmp_path / "single")]) == 0
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          str(FOLDER / "02_opt_multi_gpu_ddp.py"), *common, "--output-dir", str(tmp_path / "ddp")],

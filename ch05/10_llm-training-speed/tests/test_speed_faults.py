@@ -48,7 +48,7 @@ def scripts():
     ("--checkpoint-every", "-1", "--checkpoint-every must be an integer >= 0, got -1"),
 ])
 def test_numeric_flags_refuse_nan_inf_and_out_of_range(scripts, tmp_path, capsys, script, flag, value, message):
-    assert scripts[script].cli_main([*TINY_ARGS, "--output-dir", str(tmp_path), flag, value]) == 2
+    assert scripts[script].cli([*TINY_ARGS, "--output-dir", str(tmp_path), flag, value]) == 2
     err = capsys.readouterr().err
     assert err.strip() == f"error: {message}."
     assert list(tmp_path.iterdir()) == []  # refused before anything was written
@@ -66,7 +66,7 @@ def test_the_course_main_refuses_a_nan_learning_rate_up_front(scripts):
 def test_an_output_dir_that_is_a_file_is_refused_before_training(scripts, tmp_path, capsys, script):
     not_a_folder = tmp_path / "notes.txt"
     not_a_folder.write_text("keep me")
-    assert scripts[script].cli_main([*TINY_ARGS, "--output-dir", str(not_a_folder)]) == 2
+    assert scripts[script].cli([*TINY_ARGS, "--output-dir", str(not_a_folder)]) == 2
     assert f"--output-dir {not_a_folder} is a file" in capsys.readouterr().err
     assert not_a_folder.read_text() == "keep me"
 
@@ -77,7 +77,7 @@ def test_a_second_run_on_the_same_output_dir_is_refused(scripts, tmp_path, capsy
     running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
         (tmp_path / ".lock").write_text(str(running.pid))
-        assert scripts[script].cli_main([*TINY_ARGS, "--output-dir", str(tmp_path), "--resume"]) == 2
+        assert scripts[script].cli([*TINY_ARGS, "--output-dir", str(tmp_path), "--resume"]) == 2
         assert f"is in use by another run (process {running.pid})" in capsys.readouterr().err
         assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
     finally:
@@ -88,7 +88,7 @@ def test_a_second_run_on_the_same_output_dir_is_refused(scripts, tmp_path, capsy
 def test_a_lock_left_by_a_killed_run_is_taken_over(scripts, tmp_path):
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (tmp_path / ".lock").write_text(gone.stdout.strip())
-    assert scripts["01"].cli_main([*TINY_ARGS, "--output-dir", str(tmp_path), "--max-steps", "1"]) == 0
+    assert scripts["01"].cli([*TINY_ARGS, "--output-dir", str(tmp_path), "--max-steps", "1"]) == 0
     assert not (tmp_path / ".lock").exists()  # released at the end
     assert (tmp_path / "checkpoint.pth").is_file()
 
@@ -99,7 +99,7 @@ def test_a_lock_left_by_a_killed_run_is_taken_over(scripts, tmp_path):
 
 @pytest.mark.parametrize("script", ["00", "01"])
 def test_a_diverging_run_stops_with_a_clear_message_and_saves_no_nan(scripts, tmp_path, capsys, script):
-    rc = scripts[script].cli_main([*TINY_ARGS, "--output-dir", str(tmp_path), "--lr", "1e6", "--max-steps", "12",
+    rc = scripts[script].cli([*TINY_ARGS, "--output-dir", str(tmp_path), "--lr", "1e6", "--max-steps", "12",
                                    "--checkpoint-every", "1", "--drop-rate", "0"])
     assert rc == 1
     assert "error: The " in capsys.readouterr().err
