@@ -346,6 +346,9 @@ def train_cli(args: argparse.Namespace, run: TrainingRun, saver: CheckpointSaver
 
 def write_losses(output_dir: Path, train_losses, val_losses, tokens_seen, progress: TrainProgress,
                  batches_per_epoch: int) -> None:
+    """losses.json and loss.png, each written beside and renamed into place."""
+    import matplotlib.pyplot as plt
+
     losses = {"train_losses": train_losses, "val_losses": val_losses, "tokens_seen": tokens_seen}
     publish_atomic(output_dir / "losses.json", lambda tmp: tmp.write_text(json.dumps(losses, indent=1)))
     if train_losses:
@@ -353,6 +356,7 @@ def write_losses(output_dir: Path, train_losses, val_losses, tokens_seen, progre
                                      len(train_losses)).tolist()
         fig = plot_losses(epochs_seen, tokens_seen, train_losses, val_losses)
         publish_atomic(output_dir / "loss.png", lambda tmp: fig.savefig(tmp, dpi=120))
+        plt.close(fig)
 
 
 def cli(argv: list[str] | None = None) -> int:

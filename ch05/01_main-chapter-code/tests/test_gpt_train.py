@@ -193,11 +193,14 @@ def test_a_second_run_on_the_same_folder_is_refused(tmp_path):
         first.communicate()
 
 
-@pytest.mark.parametrize("kind", ["file", "read-only"])
+@pytest.mark.parametrize("kind", ["file", "under-a-file", "read-only"])
 def test_an_unusable_output_folder_is_refused_before_training(tmp_path, capsys, kind):
     out = tmp_path / "out"
     if kind == "file":
         out.write_text("not a folder")
+    elif kind == "under-a-file":
+        (tmp_path / "file").write_text("not a folder")
+        out = tmp_path / "file" / "out"
     else:
         out.mkdir()
         out.chmod(0o500)
