@@ -4,6 +4,7 @@
     GPT2_MODEL_SIZE=355M chainlit run app_orig.py
 
     CH05_INT8=1 chainlit run app_orig.py       # int8 weights: faster replies, a little less exact
+    CH05_MAX_BATCH=4 chainlit run app_orig.py  # at most 4 sessions generate together (default 8)
 
 The first start downloads the weights (about 500 MB for 124M) into GPT2_MODELS_DIR
 (default: ./gpt2) with gpt_download.py; later starts need no network. GPT2_MODEL_SIZE
@@ -21,7 +22,7 @@ from ch05_utils import get_device
 from gpt_download import GPT2_CONFIGS, config_from_hparams, download_and_load_gpt2, load_weights_into_gpt
 from gpt_kv_cache import GPTModelKV
 from ui_chainlit_handlers import answer, start_chat, update_settings
-from ui_chat_core import ChatModel, int8_requested, make_chat_model, warm_up
+from ui_chat_core import ChatModel, int8_requested, make_chat_model, max_batch_requested, warm_up
 
 MODEL_SIZE_ENV = "GPT2_MODEL_SIZE"
 MODELS_DIR_ENV = "GPT2_MODELS_DIR"
@@ -40,7 +41,7 @@ def load_model() -> tuple[ChatModel | None, str | None]:
         model = GPTModelKV(config_from_hparams(settings))
         load_weights_into_gpt(model, params)
         chat = make_chat_model(model.to(get_device(os.environ.get("CH05_DEVICE", "auto"))), f"OpenAI GPT-2 {size}",
-                               int8=int8_requested())
+                               int8=int8_requested(), max_batch=max_batch_requested())
         warm_up(chat)
         print(f"GPT-2 {size} ready after {time.perf_counter() - start:.1f} s", file=sys.stderr)
         return chat, None

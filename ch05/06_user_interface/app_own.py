@@ -3,6 +3,7 @@
     chainlit run app_own.py                    # then open http://127.0.0.1:8000
     CH05_CHECKPOINT=path/to/checkpoint.pth chainlit run app_own.py
     CH05_INT8=1 chainlit run app_own.py        # int8 weights: faster replies, a little less exact
+    CH05_MAX_BATCH=4 chainlit run app_own.py   # at most 4 sessions generate together (default 8)
 
 Without CH05_CHECKPOINT the app takes the first file that exists of
 ../01_main-chapter-code/output/checkpoint.pth (written by `gpt_train.py`) and the book's
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import chainlit as cl
 from ui_chainlit_handlers import answer, start_chat, update_settings
-from ui_chat_core import ChatModel, int8_requested, load_own_checkpoint, warm_up
+from ui_chat_core import ChatModel, int8_requested, load_own_checkpoint, max_batch_requested, warm_up
 
 CHECKPOINT_ENV = "CH05_CHECKPOINT"
 CHAPTER_DIR = Path(__file__).resolve().parent.parent / "01_main-chapter-code"
@@ -48,7 +49,8 @@ def load_model() -> tuple[ChatModel | None, str | None]:
         )
     try:
         start = time.perf_counter()
-        chat = load_own_checkpoint(path, device=os.environ.get("CH05_DEVICE", "auto"), int8=int8_requested())
+        chat = load_own_checkpoint(path, device=os.environ.get("CH05_DEVICE", "auto"), int8=int8_requested(),
+                                   max_batch=max_batch_requested())
         loaded = time.perf_counter()
         warm_up(chat)
         print(f"loaded {path} in {loaded - start:.1f} s, decoding step ready after {time.perf_counter() - start:.1f} s",

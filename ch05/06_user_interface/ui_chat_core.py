@@ -34,6 +34,7 @@ MAX_NEW_TOKENS_LIMIT = 1000  # the upper end of the setting, for models with lon
 
 
 INT8_ENV = "CH05_INT8"  # "1": the apps decode with int8 weights
+MAX_BATCH_ENV = "CH05_MAX_BATCH"  # sessions generated together (more wait for a free row)
 
 
 @dataclass
@@ -79,6 +80,14 @@ def int8_requested() -> bool:
     return value == "1"
 
 
+def max_batch_requested() -> int:
+    """The apps' CH05_MAX_BATCH setting: how many sessions generate together (default 8)."""
+    value = os.environ.get(MAX_BATCH_ENV, "").strip() or "8"
+    if not value.isdigit() or not 1 <= int(value) <= 256:
+        raise ValueError(f"{MAX_BATCH_ENV} must be a whole number from 1 to 256, got {value!r}")
+    return int(value)
+
+
 def warm_up(chat: ChatModel) -> None:
     """Compile the decoding step now (when torch.compile is on), so that the first
     reader does not wait for it: a two-token reply through the batcher."""
@@ -86,13 +95,21 @@ def warm_up(chat: ChatModel) -> None:
         chat.batcher.generate([chat.tokenizer.eot_token], 2)
 
 
-def load_own_checkpoint(path: str | Path, device: str = "auto", *, int8: bool = False) -> ChatModel:
+def load_model_file(path: str | Path) -> GPTModelKV:
     """The model of a gpt_train.py `checkpoint.pth`, or of the book's `model.pth` /
-    `model_and_optimizer.pth`; only the model's tensors are read from the file."""
+    `model_and_optimizer.pth`, in eval mode; only the model's tensors are read from the file."""
     state_dict, config = read_model_state_dict(path)  # memory-mapped: an optimizer state is never read
     model = GPTModelKV(config or config_from_state_dict(state_dict))
     load_state_dict_checked(model, state_dict, path)
-    return make_chat_model(model.to(get_device(device)), f"your model ({Path(path).name})", int8=int8)
+    return model.eval()
+
+
+def load_own_checkpoint(path: str | Path, device: str = "auto", *, int8: bool = False,
+                        max_batch: int = 8) -> ChatModel:
+    """`load_model_file`, ready to chat."""
+    model = load_model_file(path)
+    return make_chat_model(model.to(get_device(device)), f"your model ({Path(path).name})", int8=int8,
+                           max_batch=max_batch)
 
 
 #####################################

@@ -103,14 +103,16 @@ def test_a_request_that_stops_leaves_the_batch_at_the_next_step(model):
 def test_should_stop_cancels_a_request_mid_reply(model):
     batcher = Batcher(model, max_batch=2)
     try:
-        request = batcher.submit([1, 2], 40, temperature=1.0, seed=1)
+        # 500 tokens in a 40-token window (each step re-reads the window): seconds of work
+        request = batcher.submit([1, 2], 500, temperature=1.0, seed=1)
         got = []
         for token in request.stream(should_stop=lambda: len(got) >= 4):
             got.append(token)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while batcher.busy_rows and time.monotonic() < deadline:
             time.sleep(0.01)
         assert len(got) == 4 and batcher.busy_rows == 0
+        assert len(got) + request.tokens.qsize() - 1 < 500  # it left the batch long before its end
     finally:
         batcher.close()
 
@@ -178,3 +180,32 @@ def test_close_ends_waiting_and_running_requests(model):
     assert len(list(running)) < 500 and list(waiting) == []
     with pytest.raises(RuntimeError, match="closed"):
         batcher.submit([1], 2)
+
+
+def test_a_chat_reader_who_leaves_frees_the_row(model):
+    """The apps' path: stream_in_thread over reply_pieces; the reader stops after three
+    pieces (the user pressed stop or closed the tab) and the batcher drops the request."""
+    import asyncio
+
+    from ui_chat_core import reply_pieces, stream_in_thread
+
+    chat = make_chat_model(model, "tiny", max_batch=2)
+    settings = GenerationSettings(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=20, seed=9)
+
+    async def read_three():
+        pieces = []
+        async for piece in stream_in_thread(lambda stop: reply_pieces(chat, [1, 2, 3], settings, stop)):
+            pieces.append(piece)
+            if len(pieces) == 3:
+                break
+        return pieces
+
+    try:
+        assert len(asyncio.run(read_three())) == 3
+        deadline = time.monotonic() + 10
+        while chat.batcher.busy_rows and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert chat.batcher.busy_rows == 0
+        assert chat.batcher.generate([1, 2], 4) == alone(model, [1, 2], 4)  # the batcher goes on
+    finally:
+        chat.batcher.close()

@@ -1,5 +1,6 @@
 """The real thing: `chainlit run app_own.py` on 127.0.0.1 with a tiny checkpoint, driven by
-headless Chromium (end to end) and by eight concurrent socket.io clients (load)."""
+headless Chromium (end to end) and by concurrent socket.io clients (load: eight sessions
+through a batch of four rows, and clients that leave in the middle of a reply)."""
 
 import asyncio
 import os
@@ -23,6 +24,7 @@ APP_DIR = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 STARTUP_TIMEOUT_S = 300  # importing torch and Chainlit takes a minute on a busy 2-core machine
+MAX_BATCH = 4  # the server's batch: of eight sessions at once, four wait for a free row
 REPLY_TIMEOUT_S = 120
 PROMPT = "Every effort moves you"
 
@@ -54,7 +56,7 @@ def server(tiny_checkpoint, tmp_path_factory):
     port = free_port()
     log_path = tmp_path_factory.mktemp("chainlit") / "server.log"
     env = {**os.environ, "CH05_CHECKPOINT": str(tiny_checkpoint), "CH05_DEVICE": "cpu", "OMP_NUM_THREADS": "1",
-           "CHAINLIT_APP_ROOT": str(APP_DIR)}
+           "CHAINLIT_APP_ROOT": str(APP_DIR), "CH05_MAX_BATCH": str(MAX_BATCH)}
     env.pop("CHAINLIT_HOST", None)
     with open(log_path, "w") as log:
         process = subprocess.Popen([sys.executable, "-m", "chainlit", "run", "app_own.py", "--headless",
@@ -154,10 +156,11 @@ def test_chat_in_a_real_browser(server, chat, tmp_path):
     print(f"screenshot: {tmp_path / 'chat.png'}; blocked outside requests: {outside}")
 
 
-async def chat_session(url: str, prompt: str, settings: GenerationSettings) -> dict:
+async def chat_session(url: str, prompt: str, settings: GenerationSettings, leave_early: bool = False) -> dict:
     """One browser tab's worth of socket.io traffic: connect, set the settings, send a prompt.
 
-    Returns the streamed pieces and the final message of the reply.
+    Returns the streamed pieces and the final message of the reply. With `leave_early`
+    the client disconnects as soon as the reply starts streaming, like a closed tab.
     """
     import socketio
 
@@ -180,6 +183,8 @@ async def chat_session(url: str, prompt: str, settings: GenerationSettings) -> d
     async def on_stream_start(step):
         got["stream_id"] = step["id"]
         got["pieces"].append(step["output"])
+        if leave_early:
+            finished.set()
 
     @client.on("stream_token")
     async def on_stream_token(data):
@@ -220,7 +225,7 @@ def test_eight_concurrent_sessions_get_complete_replies_in_bounded_memory(server
     server_process = psutil.Process(server.process.pid)
     rss = [server_process.memory_info().rss]
     for _ in range(2):  # the second round must not need more memory than the first
-        results = asyncio.run(all_sessions())
+        results = asyncio.run(all_sessions())  # eight sessions, a batch of four: half of them queue
         rss.append(server_process.memory_info().rss)
         for got, want in zip(results, expected, strict=True):
             assert len(got["pieces"]) > 10  # streamed token by token
@@ -230,3 +235,25 @@ def test_eight_concurrent_sessions_get_complete_replies_in_bounded_memory(server
     print(f"server RSS: before {mib[0]:.0f} MiB, after round 1 {mib[1]:.0f} MiB, after round 2 {mib[2]:.0f} MiB")
     assert mib[2] - mib[1] < 40
     assert mib[2] - mib[0] < 400
+
+
+def test_clients_that_leave_mid_reply_do_not_disturb_the_others(server, chat, unescape):
+    """Three of six sessions close their tab as soon as their reply starts; the batcher
+    drops them at its next step, and the other three (and a session after them) still
+    get exactly their replies."""
+    pytest.importorskip("socketio", reason="python-socketio (a Chainlit dependency) is missing")
+    settings = [GenerationSettings(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=32, seed=200 + i)
+                for i in range(6)]
+    prompts = [f"Tab {i} says:" for i in range(6)]
+
+    async def sessions():
+        return await asyncio.gather(*[chat_session(server.url, p, s, leave_early=i % 2 == 1)
+                                      for i, (p, s) in enumerate(zip(prompts, settings, strict=True))])
+
+    results = asyncio.run(sessions())
+    for i, got in enumerate(results):
+        if i % 2 == 0:
+            assert unescape(got["final"]) == expected_reply(chat, prompts[i], settings[i])
+    later = asyncio.run(chat_session(server.url, PROMPT, settings[0]))
+    assert unescape(later["final"]) == expected_reply(chat, PROMPT, settings[0])
+    assert server.process.poll() is None  # still serving
