@@ -176,7 +176,8 @@ def train_steps(model: torch.nn.Module, train_loader, optimizer: torch.optim.Opt
             apply_lr(optimizer, course_lr(step, total_steps, peak_lr, warmup_iters, initial_lr, min_lr))
             loss = calc_loss_batch(input_batch, target_batch, model, device)
             loss.backward()
-            clip_gradients(model, MAX_GRAD_NORM if step >= warmup_iters else None)
+            if step >= warmup_iters:
+                clip_gradients(model, MAX_GRAD_NORM)
             optimizer.step()
             tokens += input_batch.numel()
             if step == total_steps:
@@ -1004,7 +1005,8 @@ def print_estimate(args: argparse.Namespace, configs: list[dict], data: SearchDa
           f"{cost['total_seconds'] / 3600:.1f} hours on one process ({device}).")
 
 
-def run_halving(args, configs, data, device, ledger, budget, spent) -> list[dict]:
+def run_halving(args: argparse.Namespace, configs: list[dict], data: SearchData, device: torch.device,
+                ledger: Ledger, budget: Budget, spent: dict[str, dict]) -> list[dict]:
     """Successive halving; returns the records of the last rung that finished (all rungs go into `spent`)."""
     rungs = halving_rungs(len(configs), args.budget_tokens, args.eta)
     ctx = MODEL_PRESETS[args.model]["context_length"]
