@@ -49,6 +49,10 @@ def test_missing_or_blank_values_keep_the_current_ones():
     ({"max_new_tokens": 33}, "max_new_tokens must be between 1 and 32"),  # half of the context (64)
     ({"seed": -2}, "seed must be between -1 and"),
     ({"temperature": "warm"}, "temperature must be a number, got 'warm'"),
+    ({"temperature": "nan"}, "temperature must be between 0 and 2, got nan"),
+    ({"temperature": float("inf")}, "temperature must be between 0 and 2, got inf"),
+    ({"top_p": "-inf"}, "top_p must be between 0.01 and 1, got -inf"),
+    ({"seed": float("nan")}, "seed must be a whole number"),
 ])
 def test_out_of_range_settings_are_rejected_with_the_reason(raw, message):
     with pytest.raises(SettingsError, match=message):

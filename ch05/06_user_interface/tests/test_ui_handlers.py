@@ -163,6 +163,48 @@ def test_app_own_without_checkpoint_says_how_to_make_one(monkeypatch, tmp_path):
     assert len(sent) == 2 and all("gpt_train.py" in text for text in sent)
 
 
+@pytest.mark.parametrize("layout", ["model.pth", "model_and_optimizer.pth"])
+def test_app_own_finds_and_loads_the_books_files(app_own, monkeypatch, tmp_path, layout):
+    """The book's notebook saves model.pth (a plain state dict) and model_and_optimizer.pth
+    beside itself; without CH05_CHECKPOINT the app looks for them after our checkpoint."""
+    import ch05_utils
+
+    state = app_own.CHAT.model.state_dict()
+    if layout == "model.pth":
+        torch.save(state, tmp_path / layout)
+    else:
+        torch.save({"model_state_dict": state, "optimizer_state_dict": {"state": {}, "param_groups": []}},
+                   tmp_path / layout)
+    monkeypatch.delenv("CH05_CHECKPOINT", raising=False)
+    monkeypatch.setattr(app_own, "DEFAULT_CHECKPOINTS", (tmp_path / "output" / "checkpoint.pth", tmp_path / layout))
+    monkeypatch.setitem(ch05_utils.GPT2_HEADS_BY_EMB_DIM, 32, 2)  # the tiny model's width and heads
+    assert app_own.find_checkpoint() == tmp_path / layout
+    chat, error = app_own.load_model()
+    try:
+        assert error is None and layout in chat.name
+        idx = torch.tensor([[1, 2, 3]])
+        with torch.no_grad():
+            torch.testing.assert_close(chat.model(idx), app_own.CHAT.model(idx))
+    finally:
+        chat.batcher.close()
+
+
+@pytest.mark.parametrize("env,message", [({"CH05_INT8": "yes"}, "CH05_INT8 must be 1"),
+                                         ({"CH05_MAX_BATCH": "0"}, "CH05_MAX_BATCH must be a whole number"),
+                                         ({"CH05_DEVICE": "tpu"}, "tpu")])
+def test_app_own_refuses_bad_settings_in_one_line(monkeypatch, tiny_checkpoint, env, message):
+    app = load_app("app_own", monkeypatch, CH05_CHECKPOINT=tiny_checkpoint, **env)
+    assert app.CHAT is None and message in app.LOAD_ERROR
+
+
+def test_app_own_with_int8_weights_says_so(monkeypatch, tiny_checkpoint):
+    app = load_app("app_own", monkeypatch, CH05_CHECKPOINT=tiny_checkpoint, CH05_DEVICE="cpu", CH05_INT8="1")
+    try:
+        assert app.LOAD_ERROR is None and app.CHAT.int8 and "int8" in app.CHAT.name
+    finally:
+        app.CHAT.batcher.close()
+
+
 def test_app_own_with_a_broken_checkpoint_shows_the_error(monkeypatch, tmp_path):
     broken = tmp_path / "checkpoint.pth"
     broken.write_bytes(b"not a checkpoint")
