@@ -203,7 +203,9 @@ def train_rank(settings: TrainSettings, cfg: dict, device: torch.device, rank: i
     if problem[0] is not None:
         raise RankError(problem[0])
     try:
-        wrap = (lambda m: DDP(m, device_ids=[device.index])) if device.type == "cuda" else DDP
+        # The chapter's causal masks are constant buffers: no need for DDP to broadcast them every step.
+        device_ids = [device.index] if device.type == "cuda" else None
+        wrap = lambda m: DDP(m, device_ids=device_ids, broadcast_buffers=False)  # noqa: E731
         trainer = make_trainer(settings, cfg, device, token_path, rank=rank, world_size=world_size, wrap=wrap,
                                all_reduce_mean=all_reduce_mean, gather=gather_objects, model=model)
     except ValueError as err:
