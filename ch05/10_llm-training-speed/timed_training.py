@@ -43,54 +43,68 @@ def train_model_simple_with_timing(model, train_loader, val_loader, optimizer, d
     `world_size` ranks that each train on batches like this one's count as that many
     times the tokens. A `DistributedDataParallel` model and a `DistributedSampler` work.
     """
+    progress = progress if progress is not None else TrainProgress()
     sampler = getattr(train_loader, "sampler", None)
     if isinstance(sampler, DistributedSampler):  # a new shuffle order for every epoch, the same on all ranks
-        sampler.set_epoch(progress.epoch if progress is not None else 0)
+        sampler.set_epoch(progress.epoch)
     if isinstance(model, DistributedDataParallel):
         model = DDPChapterView(model)
-    progress = progress if progress is not None else TrainProgress()
-    meter = meter or ThroughputMeter(warmup_steps, sync=lambda: synchronize(device))
-    last = {"tokens": 0, "seconds": 0.0, "lines": len(progress.train_losses), "tokens_seen": progress.tokens_seen}
-
-    def log(line: str) -> None:
-        """The chapter's loop prints evaluations and samples; evaluations get the course's format."""
-        if not is_main_process:
-            return
-        if len(progress.train_losses) == last["lines"]:  # a generated sample
-            print_fn(line)
-            return
-        interval_tokens = meter.measured_tokens - last["tokens"]
-        interval_seconds = meter.measured_seconds - last["seconds"]
-        last.update(tokens=meter.measured_tokens, seconds=meter.measured_seconds, lines=len(progress.train_losses))
-        step_tps = interval_tokens / interval_seconds if interval_seconds > 0 else 0
-        print_fn(f"Ep {progress.epoch + 1}, Step {progress.global_step:06d}, "
-                 f"Train: {progress.train_losses[-1]:.3f}, Val: {progress.val_losses[-1]:.3f}, "
-                 f"Step tok/sec: {round(step_tps)}, Avg tok/sec: {round(meter.tokens_per_s or 0)}")
-
-    def step_done(progress: TrainProgress) -> None:
-        evaluated = progress.global_step % eval_freq == 0
-        sampled = progress.batches_done == 0  # an epoch ended and a sample was generated
-        meter.stop((progress.tokens_seen - last["tokens_seen"]) * world_size, discard=evaluated or sampled)
-        last["tokens_seen"] = progress.tokens_seen
-        if sampled and is_main_process:
-            print_memory(device, print_fn)
-        if sampled and isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(progress.epoch)
-        if on_step is not None:
-            on_step(progress)
-        if should_stop is not None and should_stop():
-            raise _StopTraining
-        meter.start()
-
-    meter.start()
+    timer = _StepTimer(progress, meter or ThroughputMeter(warmup_steps, sync=lambda: synchronize(device)), device,
+                       eval_freq, print_fn if is_main_process else None, world_size, sampler, on_step, should_stop)
+    timer.meter.start()
     try:
         train_model_simple(model, train_loader, val_loader, optimizer, device, num_epochs=num_epochs,
                            eval_freq=eval_freq, eval_iter=eval_iter, start_context=start_context,
-                           tokenizer=tokenizer, progress=progress, max_steps=max_steps, on_step=step_done,
-                           print_fn=log, progress_bar=progress_bar)
+                           tokenizer=tokenizer, progress=progress, max_steps=max_steps, on_step=timer.step_done,
+                           print_fn=timer.log, progress_bar=progress_bar)
     except _StopTraining:
         pass
     return progress.train_losses, progress.val_losses, progress.track_tokens_seen
+
+
+class _StepTimer:
+    """The hooks `train_model_simple` calls: after every step (tick the meter) and to print."""
+
+    def __init__(self, progress: TrainProgress, meter: ThroughputMeter, device: torch.device, eval_freq: int,
+                 print_fn, world_size: int, sampler, on_step, should_stop):
+        self.progress, self.meter, self.device, self.eval_freq = progress, meter, device, eval_freq
+        self.print_fn, self.world_size, self.sampler = print_fn, world_size, sampler
+        self.on_step, self.should_stop = on_step, should_stop
+        self.printed_evaluations = len(progress.train_losses)
+        self.tokens_seen = progress.tokens_seen
+        self.last_tokens, self.last_seconds = 0, 0.0
+
+    def log(self, line: str) -> None:
+        """The chapter's loop prints evaluations and samples; evaluations get the course's format."""
+        progress, meter = self.progress, self.meter
+        if self.print_fn is None:
+            return
+        if len(progress.train_losses) == self.printed_evaluations:  # a generated sample
+            self.print_fn(line)
+            return
+        seconds = meter.measured_seconds - self.last_seconds
+        step_tps = (meter.measured_tokens - self.last_tokens) / seconds if seconds > 0 else 0
+        self.last_tokens, self.last_seconds = meter.measured_tokens, meter.measured_seconds
+        self.printed_evaluations = len(progress.train_losses)
+        self.print_fn(f"Ep {progress.epoch + 1}, Step {progress.global_step:06d}, "
+                      f"Train: {progress.train_losses[-1]:.3f}, Val: {progress.val_losses[-1]:.3f}, "
+                      f"Step tok/sec: {round(step_tps)}, Avg tok/sec: {round(meter.tokens_per_s or 0)}")
+
+    def step_done(self, progress: TrainProgress) -> None:
+        """Stop the clock (leaving out steps that evaluated or sampled), then restart it."""
+        evaluated = progress.global_step % self.eval_freq == 0
+        sampled = progress.batches_done == 0  # an epoch ended and a sample was generated
+        self.meter.stop((progress.tokens_seen - self.tokens_seen) * self.world_size, discard=evaluated or sampled)
+        self.tokens_seen = progress.tokens_seen
+        if sampled and self.print_fn is not None:
+            print_memory(self.device, self.print_fn)
+        if sampled and isinstance(self.sampler, DistributedSampler):
+            self.sampler.set_epoch(progress.epoch)
+        if self.on_step is not None:
+            self.on_step(progress)
+        if self.should_stop is not None and self.should_stop():
+            raise _StopTraining
+        self.meter.start()
 
 
 def print_memory(device: torch.device, print_fn=print) -> None:
