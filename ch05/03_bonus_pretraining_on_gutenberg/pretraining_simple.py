@@ -627,7 +627,9 @@ def set_up(args: argparse.Namespace) -> Run:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     ddp_model = model
     if world_size > 1:
-        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # The only buffers are the constant causal masks: no need to re-send them every step.
+        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                            broadcast_buffers=False)
     return Run(args, cfg, rank, world_size, device, model, ddp_model, optimizer, train_stream, val_stream,
                n_windows, n_val_windows, total_steps)
 

@@ -497,7 +497,7 @@ def assign(left: torch.Tensor, right) -> torch.nn.Parameter:
     if tuple(left.shape) != tuple(right.shape):
         raise ValueError(f"Shape mismatch. Left: {tuple(left.shape)}, Right: {tuple(right.shape)}. "
                          "Build the model with the checkpoint's sizes (config_from_hparams(settings)).")
-    return torch.nn.Parameter(torch.as_tensor(right).detach().clone())
+    return torch.nn.Parameter(torch.as_tensor(right).detach().clone(memory_format=torch.contiguous_format))
 
 
 def load_weights_into_gpt(gpt: GPTModel, params: dict) -> None:
