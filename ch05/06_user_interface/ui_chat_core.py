@@ -99,7 +99,15 @@ def load_model_file(path: str | Path) -> GPTModelKV:
     """The model of a gpt_train.py `checkpoint.pth`, or of the book's `model.pth` /
     `model_and_optimizer.pth`, in eval mode; only the model's tensors are read from the file."""
     state_dict, config = read_model_state_dict(path)  # memory-mapped: an optimizer state is never read
-    model = GPTModelKV(config or config_from_state_dict(state_dict))
+    # Built without random initialization (seconds for 124M): every weight is then
+    # overwritten from the file. Only the causal masks, which older files lack, are
+    # filled here, since `to_empty` leaves the memory as it found it.
+    with torch.device("meta"):
+        model = GPTModelKV(config or config_from_state_dict(state_dict))
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for block in model.trf_blocks:
+            block.att.mask.copy_(torch.triu(torch.ones_like(block.att.mask), diagonal=1))
     load_state_dict_checked(model, state_dict, path)
     return model.eval()
 

@@ -249,3 +249,20 @@ def test_a_consumer_that_leaves_stops_the_worker():
     time.sleep(0.1)
     assert len(produced) < 100
     assert threading.active_count() <= before
+
+
+def test_a_file_without_causal_masks_gets_them_back(tiny_chat, tmp_path):
+    """Files saved before the mask was part of the state dict lack it; the model built
+    without initialization must not keep whatever its memory held there."""
+    from ch05_utils import save_checkpoint_atomic
+    from ui_chat_core import load_model_file
+
+    model = tiny_chat.model
+    config = {"vocab_size": 50257, "context_length": model.context_length, "emb_dim": 32, "n_heads": 2,
+              "n_layers": 2, "drop_rate": 0.1, "qkv_bias": False}
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith(".att.mask")}
+    save_checkpoint_atomic({"model": state, "config": config}, tmp_path / "old.pth")
+    model = load_model_file(tmp_path / "old.pth")
+    idx = torch.randint(0, 50257, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), tiny_chat.model(idx))
