@@ -35,8 +35,8 @@ import torch
 from ch05_utils import (
     check_weights_loaded,
     config_from_state_dict,
-    load_checkpoint,
     publish_atomic,
+    read_model_state_dict,
     save_checkpoint_atomic,
 )
 from previous_chapters import GPT_CONFIG_124M, GPTModel
@@ -101,7 +101,7 @@ def save_random_weights(cfg: dict, folder: str | Path, model_name: str, seed: in
         del model
         gc.collect()
     if not st_path.is_file():
-        state_dict, _ = read_weights(pth_path, mmap=True)
+        state_dict, _ = read_model_state_dict(pth_path)  # memory-mapped: nothing is copied
         save_safetensors_atomic(state_dict, st_path)
         del state_dict
     return pth_path, st_path
@@ -117,27 +117,6 @@ def save_safetensors_atomic(state_dict: Mapping[str, torch.Tensor], path: Path) 
 #####################################
 # Reading and checking weight files
 #####################################
-
-def read_weights(path: str | Path, *, map_location: torch.device | str = "cpu",
-                 mmap: bool = False) -> tuple[dict, dict | None]:
-    """(state dict, config or None) from the book's `model.pth` (a plain state dict), the
-    book's `model_and_optimizer.pth` or gpt_train.py's `checkpoint.pth`.
-
-    `map_location` and `mmap` go to `torch.load` (with `weights_only=True`), so each
-    method reads the file the way it wants to. With `mmap=True` an optimizer state
-    stored beside the weights is mapped but never read.
-    """
-    obj = load_checkpoint(path, map_location=map_location, mmap=mmap)  # one-line errors for bad files
-    config = None
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj, config = obj["model"], obj.get("config")
-    elif isinstance(obj, dict) and isinstance(obj.get("model_state_dict"), dict):
-        obj = obj["model_state_dict"]
-    if not isinstance(obj, dict) or not obj or not all(isinstance(t, torch.Tensor) for t in obj.values()):
-        raise ValueError(f"{path} holds no model state dict: expected torch.save(model.state_dict(), ...), "
-                         "the book's model_and_optimizer.pth or a gpt_train.py checkpoint.")
-    return obj, config
-
 
 def resolve_config(cfg: dict | None, file_cfg: dict | None, shapes: Mapping[str, torch.Size],
                    source: str | Path) -> dict:
@@ -230,8 +209,9 @@ def check_fully_loaded(model: torch.nn.Module) -> None:
 
 def read_weights_and_config(path: str | Path, cfg: dict | None, device: torch.device | str = "cpu",
                             mmap: bool = False) -> tuple[dict, dict]:
-    """(state dict, config to build the model with) from a `.pth` file (see `read_weights`)."""
-    state_dict, file_cfg = read_weights(path, map_location=device, mmap=mmap)
+    """(state dict, config to build the model with) from any of the `.pth` files the chapter's
+    code writes (`ch05_utils.read_model_state_dict`), read the way each method wants it."""
+    state_dict, file_cfg = read_model_state_dict(path, mmap=mmap, map_location=device)
     return state_dict, resolve_config(cfg, file_cfg, {k: t.shape for k, t in state_dict.items()}, path)
 
 
@@ -346,7 +326,7 @@ def check_weights_file(path: str | Path, cfg: dict) -> None:
     if Path(path).suffix == ".safetensors":
         shapes, dtypes = safetensors_header(path)
     else:
-        state_dict, _ = read_weights(path, mmap=True)
+        state_dict, _ = read_model_state_dict(path)
         shapes, dtypes = {k: t.shape for k, t in state_dict.items()}, {k: t.dtype for k, t in state_dict.items()}
     check_weights_fit(shapes, dtypes, meta_model(cfg), path)
 
@@ -382,6 +362,24 @@ def can_reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def release_freed_memory() -> None:
+    """Ask the C allocator to give freed memory back to the operating system.
+
+    glibc keeps freed blocks below its mmap threshold (up to 32 MB, and a model's tensors
+    are mostly below it) for reuse, so after `del model` the process's RSS stays high and
+    the next measurement in the same process starts from a misleading baseline.
+    `malloc_trim(0)` hands that memory back; elsewhere this does nothing.
+    """
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
+            pass
 
 
 class RSSPeak:

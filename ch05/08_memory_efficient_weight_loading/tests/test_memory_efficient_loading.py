@@ -318,3 +318,16 @@ def test_help_runs(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     assert "peak RSS" in capsys.readouterr().out
+
+
+def test_too_little_disk_space_is_refused_before_writing(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import memory_efficient_loading
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(memory_efficient_loading.shutil, "disk_usage",
+                        lambda path: usage._replace(free=1024 * 1024))  # 1 MiB free
+    assert main(["--model", "tiny", "--weights-dir", str(tmp_path)]) == 2
+    assert "GiB free, but the weights need" in _one_error_line(capsys)
+    assert not (tmp_path / "tiny.pth").exists()
