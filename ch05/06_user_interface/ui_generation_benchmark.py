@@ -15,8 +15,9 @@ gives) in the same process, taking turns round after round:
 
 Decoding one sequence is bound by memory bandwidth: every new token reads every weight
 once. The script measures how fast this machine reads memory with the same number of
-threads and prints each result as a fraction of the resulting ceiling, tokens/s <=
-bandwidth / bytes of float32 weights read per token.
+threads, for as long as one of our generation runs takes, and prints each result as a
+fraction of the resulting ceiling, tokens/s <= bandwidth / bytes of float32 weights read
+per token (int8 reads a quarter of those bytes, so it can pass the ceiling).
 """
 
 import argparse
@@ -139,20 +140,22 @@ def weight_bytes_per_token(model: GPTModel) -> int:
     return sum(p.numel() * p.element_size() for key, p in unique.items() if key not in skip)
 
 
-def measure_read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Bytes per second at which torch reads a buffer larger than any CPU cache (best of `repeats`).
+def measure_read_bandwidth(n_bytes: int, seconds: float) -> float:
+    """Bytes per second at which torch reads a buffer larger than any CPU cache, summing
+    it again and again for at least `seconds`.
 
     Summing is about the simplest read there is, so this is the speed limit that
-    matters for decoding, which reads every weight once per token.
+    matters for decoding, which reads every weight once per token. It is measured over
+    as long as a generation run takes: on a shared machine, a short measurement would
+    often run undisturbed while a longer run would not, which makes the ceiling too high.
     """
     buffer = torch.ones(n_bytes // 4)
     buffer.sum()  # touch every page once before timing
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+    count, start = 0, time.perf_counter()
+    while count == 0 or time.perf_counter() - start < seconds:
         buffer.sum()
-        best = min(best, time.perf_counter() - start)
-    return n_bytes / best
+        count += 1
+    return n_bytes * count / (time.perf_counter() - start)
 
 
 def profile_steps(model: GPTModelKV, prompt_ids: list[int], steps: int = 20) -> None:
@@ -174,11 +177,18 @@ def profile_steps(model: GPTModelKV, prompt_ids: list[int], steps: int = 20) -> 
             for _ in range(steps):
                 step()
         wall = (time.perf_counter() - start) / steps
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40)
-    n_ops = sum(e.count for e in prof.key_averages()) / steps
+    averages = prof.key_averages()
+    n_ops = sum(e.count for e in averages) / steps
     print(f"{steps} plain one-token steps (profiled: {wall * 1e3:.1f} ms per step, {n_ops:.0f} profiled op "
           "calls per step)")
-    print(table)
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40))
+    products = sum(e.self_cpu_time_total for e in averages if e.key in ("aten::mm", "aten::addmm")) / 1e6 / steps
+    total = sum(e.self_cpu_time_total for e in averages) / 1e6 / steps
+    per_token = weight_bytes_per_token(model)
+    bandwidth = measure_read_bandwidth(min(1 << 30, max(1 << 28, 2 * per_token)), 1.0)
+    print(f"matrix products (aten::mm/addmm): {products * 1e3:.1f} ms of {total * 1e3:.1f} ms per step "
+          f"({products / total:.0%}), reading the weights at {per_token / products / 1e9:.1f} GB/s; "
+          f"summing a buffer reads {bandwidth / 1e9:.1f} GB/s")
 
 
 def make_methods(model: GPTModelKV, args: argparse.Namespace, prompt_ids: list[int], cfg: dict) -> dict:
@@ -219,7 +229,8 @@ def run_rounds(methods: dict, n: int, repeats: int, buffer_bytes: int) -> tuple[
         first[name] = time.perf_counter() - start
     best, results, bandwidth = dict.fromkeys(methods, float("inf")), {}, 0.0
     for _ in range(repeats):
-        bandwidth = max(bandwidth, measure_read_bandwidth(buffer_bytes))
+        seconds = best[BASELINE] if best[BASELINE] < float("inf") else 1.0  # as long as our generation takes
+        bandwidth = max(bandwidth, measure_read_bandwidth(buffer_bytes, seconds))
         for name, generate_n in methods.items():
             start = time.perf_counter()
             results[name] = generate_n(n)
