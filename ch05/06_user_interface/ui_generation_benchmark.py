@@ -193,11 +193,14 @@ def profile_steps(model: GPTModelKV, prompt_ids: list[int], steps: int = 20) -> 
 
 def make_methods(model: GPTModelKV, args: argparse.Namespace, prompt_ids: list[int], cfg: dict) -> dict:
     """name -> function(n) that generates n tokens greedily and returns them."""
-    methods = {BASELINE: lambda k: list(generate_stream(model, prompt_ids, k))}
+    threads = torch.get_num_threads()  # the count the ceiling is measured with
+    methods = {BASELINE: lambda k: list(generate_stream(model, prompt_ids, k, threads=threads))}
     if not args.no_int8:
-        methods["ours, KV cache, int8"] = lambda k: list(generate_stream(model, prompt_ids, k, int8=True))
+        methods["ours, KV cache, int8"] = \
+            lambda k: list(generate_stream(model, prompt_ids, k, int8=True, threads=threads))
     if not args.no_plain:
-        methods["ours, KV cache, plain"] = lambda k: list(generate_stream(model, prompt_ids, k, use_compile=False))
+        methods["ours, KV cache, plain"] = \
+            lambda k: list(generate_stream(model, prompt_ids, k, use_compile=False, threads=threads))
     idx = torch.tensor([prompt_ids])
     if not args.no_transformers:
         hf_model = to_transformers(model)
