@@ -9,7 +9,8 @@ use) generates, round after round: one session alone, then `--sessions` sessions
 all start at once. Both with greedy decoding and with the apps' default sampling
 (temperature 0.7, top-k 50, top-p 0.95, one seed per session). Each figure is the best
 of the rounds. Every batched reply is checked against the reply the same session gets
-from `generate_stream` alone, with its seed.
+from `generate_stream` alone, with its seed. Last, one batched step is timed with the
+BLAS library's matrix products and with oneDNN's packed weights (what the batcher uses).
 """
 
 import argparse
@@ -17,7 +18,7 @@ import sys
 import time
 
 import torch
-from gpt_kv_cache import decode_threads, generate_stream
+from gpt_kv_cache import decode_rows, decode_threads, forward_cached, generate_stream, inference_weights
 from ui_batching import Batcher
 from ui_generation_benchmark import BENCHMARK_CONFIGS, build_model
 
@@ -81,6 +82,23 @@ def measure(batcher: Batcher, model, args: argparse.Namespace, name: str, settin
           f"= {total / one:4.2f}x | replies equal to generating alone: {same}/{args.sessions}")
 
 
+@torch.inference_mode()
+def packing_comparison(model, rows: int, steps: int = 5) -> None:
+    """Seconds of one batched step with the BLAS library's products and with oneDNN's packed weights."""
+    best = {}
+    for name, weights in (("BLAS (F.linear)", inference_weights(model)),
+                          ("oneDNN, packed weights", inference_weights(model, packed=True))):
+        cache = model.new_cache(batch_size=rows, capacity=64)
+        forward_cached(weights, torch.ones(rows, 8, dtype=torch.long), cache)
+        tokens, positions = torch.ones(rows, dtype=torch.long), torch.full((rows,), 8)
+        best[name] = float("inf")
+        for _ in range(steps + 1):  # the first one warms up
+            start = time.perf_counter()
+            decode_rows(weights, tokens, positions, cache, use_compile=False)
+            best[name] = min(best[name], time.perf_counter() - start)
+    print(f"one step of {rows} rows: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in best.items()))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if problem := check_args(args):
@@ -98,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             measure(batcher, model, args, name, settings)
     finally:
         batcher.close()
+    if args.sessions > 1:
+        packing_comparison(model, args.sessions)
     return 0
 
 

@@ -9,7 +9,7 @@ def test_batching_benchmark_checks_every_reply(capsys):
     assert main(["--model", "tiny", "--sessions", "3", "--new-tokens", "6", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert out.count("replies equal to generating alone: 3/3") == 2  # greedy and sampled
-    assert "3 sessions" in out and "x |" in out
+    assert "3 sessions" in out and "x |" in out and "one step of 3 rows: BLAS" in out
 
 
 @pytest.mark.parametrize("args", [["--sessions", "0"], ["--new-tokens", "0"], ["--threads", "0"],
