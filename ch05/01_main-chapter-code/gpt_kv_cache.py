@@ -235,7 +235,8 @@ def _linear(x: torch.Tensor, lin: LinearWeights) -> torch.Tensor:
 
     Compiled (one token), the product is written as a multiply-and-sum, which
     torch.compile turns into a single loop that streams the weight once (converting
-    int8 on the fly). In plain PyTorch, F.linear calls the BLAS library.
+    int8 on the fly). In plain PyTorch, F.linear calls the BLAS library, or oneDNN for
+    weights packed in its layout.
     """
     weight = lin.weight
     if lin.packed is not None and not torch.compiler.is_compiling():
@@ -424,8 +425,9 @@ def decode_rows(weights: InferenceWeights, token_ids: torch.Tensor, positions: t
     Each row has its own length, so rows of different generations can advance together:
     one pass over the weights serves them all. Row r must already hold its first
     `positions[r]` positions. A single row is compiled by default (see `compile_enabled`);
-    several rows use the BLAS library's matrix products, which read each weight once for
-    all rows. The caller keeps track of each row's length (`cache.length` is not used).
+    several rows use matrix products (BLAS, or oneDNN with packed weights), which read
+    each weight once for all rows. The caller keeps track of each row's length
+    (`cache.length` is not used).
     """
     rows = token_ids.shape[0]
     if cache.keys.shape[1] != rows or positions.shape != (rows,):
@@ -437,9 +439,7 @@ def decode_rows(weights: InferenceWeights, token_ids: torch.Tensor, positions: t
     if use_compile:
         try:
             return _run_step(token_ids, positions, weights, cache, use_compile=True)
-        except Exception as err:  # no C++ compiler, an unsupported platform ...
-            if isinstance(err, (KeyboardInterrupt, MemoryError)):
-                raise
+        except (torch._dynamo.exc.BackendCompilerFailed, OSError) as err:  # no C++ compiler, ...
             _STEP.fall_back(err)
     return _run_step(token_ids, positions, weights, cache, use_compile=False)
 

@@ -271,3 +271,27 @@ def test_benchmark_runs_at_tiny_scale(capsys):
     assert "'ours, KV cache, plain' vs ours: 8/8 equal" in out and "'transformers generate' vs ours: 8/8" in out
     for bad in (["--new-tokens", "0"], ["--threads", "0"], ["--prompt", ""]):
         assert main(["--model", "tiny", *bad]) == 2
+
+
+@pytest.mark.slow
+def test_without_a_cpp_compiler_decoding_falls_back_to_plain_pytorch(tmp_path):
+    """torch.compile needs a C++ compiler on the CPU; without one, a one-line note and
+    the same tokens from the plain step."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ("import torch\n"
+              "from gpt_kv_cache import GPTModelKV, generate_stream\n"
+              "torch.manual_seed(0)\n"
+              f"m = GPTModelKV({dict(CFG, drop_rate=0.0)!r}).eval()\n"
+              "a = list(generate_stream(m, [1, 2], 6, use_compile=True))\n"
+              "print(a == list(generate_stream(m, [1, 2], 6, use_compile=False)))\n")
+    env = {**os.environ, "CXX": str(tmp_path / "no-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache"),
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True"
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note: torch.compile is not available")]
+    assert len(notes) == 1 and "Traceback" not in result.stderr
