@@ -85,13 +85,12 @@ def download_and_load_gpt2(model_size: str, models_dir: str | Path, *, base_url:
     if reader not in ("numpy", "tensorflow"):
         raise ValueError(f"Unknown reader {reader!r}: use 'numpy' or 'tensorflow'.")
     model_dir = download_gpt2_files(model_size, models_dir, base_url=base_url, progress=progress)
-    settings = read_hparams(model_dir / "hparams.json")
-    prefix = checkpoint_prefix(model_dir)
     load = load_gpt2_params_numpy if reader == "numpy" else load_gpt2_params_from_tf_ckpt
     try:
-        return settings, load(prefix, settings)
+        settings = read_hparams(model_dir / "hparams.json")
+        return settings, load(checkpoint_prefix(model_dir), settings)
     except ValueError as err:
-        damaged = getattr(err, "path", None)  # tf_checkpoint_reader.CorruptCheckpointError names the file
+        damaged = getattr(err, "path", None)  # DamagedFileError, tf_checkpoint_reader.CorruptCheckpointError
         if damaged is None:
             raise
         raise ValueError(f"{err} {_set_aside(damaged)}") from None
@@ -297,14 +296,21 @@ def sha256_of(path: str | Path) -> str:
 
 # Reading the checkpoint
 
+class DamagedFileError(ValueError):
+    """A downloaded file turned out to be damaged when read; `path` names it."""
+
+    def __init__(self, path: Path, message: str):
+        super().__init__(message)
+        self.path = path
+
+
 def read_hparams(path: str | Path) -> dict:
-    """hparams.json, checked for the five keys GPT-2 needs. A file that does not parse
-    (say, cut short by a mirror) is moved aside, so the next run downloads it again."""
+    """hparams.json, checked for the five keys GPT-2 needs."""
     path = Path(path)
     try:
         settings = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}). {_set_aside(path)}") from None
+        raise DamagedFileError(path, f"{path} is not valid JSON ({err}).") from None
     missing = [k for k in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer") if k not in settings]
     if missing:
         raise ValueError(f"{path} lacks {', '.join(missing)}: it is not a GPT-2 hparams.json.")

@@ -1,7 +1,7 @@
 """The book's memory-efficient loading recipes, made the book's way, work with our GPTModel.
 
-A reference GPTModel is written here as the book writes it (causal mask as a persistent
-float buffer), so the tests check interchange with the book's model, not with ourselves:
+A reference GPTModel written as the book writes it (tests/book_reference.py: causal mask
+as a persistent float buffer), so the tests check interchange with the book's model:
 the book's `model.pth` loads into ours strictly and ours into the book's, the meta-device
 recipe (`load_state_dict(assign=True)`) and the `to_empty` recipe give the book model's
 logits, and a model left with tensors that were never loaded is refused.
@@ -13,99 +13,13 @@ from pathlib import Path
 import nbformat
 import pytest
 import torch
-import torch.nn as nn
+from book_reference import BookGPTModel
 from memory_efficient_loading import METHODS, check_fully_loaded
 from previous_chapters import GPTModel
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "memory-efficient-state-dict.ipynb"
 BASE_CONFIG = {"vocab_size": 50257, "context_length": 32, "drop_rate": 0.0, "qkv_bias": True,
                "emb_dim": 64, "n_layers": 2, "n_heads": 4}
-
-
-#####################################
-# The book's GPTModel, as a reference
-#####################################
-
-class BookMultiHeadAttention(nn.Module):
-    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
-        super().__init__()
-        self.d_out, self.num_heads, self.head_dim = d_out, num_heads, d_out // num_heads
-        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.out_proj = nn.Linear(d_out, d_out)
-        self.dropout = nn.Dropout(dropout)
-        self.register_buffer("mask", torch.triu(torch.ones(context_length, context_length), diagonal=1))
-
-    def forward(self, x):
-        b, n, _ = x.shape
-
-        def heads(t):
-            return t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-
-        q, k, v = heads(self.W_query(x)), heads(self.W_key(x)), heads(self.W_value(x))
-        scores = q @ k.transpose(2, 3)
-        scores.masked_fill_(self.mask.bool()[:n, :n], -torch.inf)
-        weights = self.dropout(torch.softmax(scores / k.shape[-1] ** 0.5, dim=-1))
-        return self.out_proj((weights @ v).transpose(1, 2).reshape(b, n, self.d_out))
-
-
-class BookLayerNorm(nn.Module):
-    def __init__(self, emb_dim):
-        super().__init__()
-        self.eps = 1e-5
-        self.scale = nn.Parameter(torch.ones(emb_dim))
-        self.shift = nn.Parameter(torch.zeros(emb_dim))
-
-    def forward(self, x):
-        norm_x = (x - x.mean(dim=-1, keepdim=True)) / torch.sqrt(x.var(dim=-1, keepdim=True, unbiased=False)
-                                                                  + self.eps)
-        return self.scale * norm_x + self.shift
-
-
-class BookGELU(nn.Module):
-    def forward(self, x):
-        return 0.5 * x * (1 + torch.tanh(torch.sqrt(torch.tensor(2.0 / torch.pi)) * (x + 0.044715 * x**3)))
-
-
-class BookFeedForward(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.layers = nn.Sequential(nn.Linear(cfg["emb_dim"], 4 * cfg["emb_dim"]), BookGELU(),
-                                    nn.Linear(4 * cfg["emb_dim"], cfg["emb_dim"]))
-
-    def forward(self, x):
-        return self.layers(x)
-
-
-class BookTransformerBlock(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.att = BookMultiHeadAttention(cfg["emb_dim"], cfg["emb_dim"], cfg["context_length"], cfg["drop_rate"],
-                                          cfg["n_heads"], cfg["qkv_bias"])
-        self.ff = BookFeedForward(cfg)
-        self.norm1, self.norm2 = BookLayerNorm(cfg["emb_dim"]), BookLayerNorm(cfg["emb_dim"])
-        self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
-
-    def forward(self, x):
-        x = x + self.drop_shortcut(self.att(self.norm1(x)))
-        return x + self.drop_shortcut(self.ff(self.norm2(x)))
-
-
-class BookGPTModel(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
-        self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
-        self.drop_emb = nn.Dropout(cfg["drop_rate"])
-        self.trf_blocks = nn.Sequential(*[BookTransformerBlock(cfg) for _ in range(cfg["n_layers"])])
-        self.final_norm = BookLayerNorm(cfg["emb_dim"])
-        self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
-
-    def forward(self, in_idx):
-        x = self.tok_emb(in_idx) + self.pos_emb(torch.arange(in_idx.shape[1], device=in_idx.device))
-        x = self.final_norm(self.trf_blocks(self.drop_emb(x)))
-        return self.out_head(x)
 
 
 #####################################
