@@ -3,6 +3,7 @@
     python ui_generation_benchmark.py                          # 124M shape, 200 new tokens
     python ui_generation_benchmark.py --model 1558M --new-tokens 20 --no-transformers
     python ui_generation_benchmark.py --profile                # where a plain decoding step spends its time
+    python ui_generation_benchmark.py --breakdown              # read speed of the compiled step's parts
     python ui_generation_benchmark.py --model tiny --new-tokens 20 --repeats 1
 
 Compares, with the same random weights (untied output head, as `load_weights_into_gpt`
@@ -25,7 +26,15 @@ import sys
 import time
 
 import torch
-from gpt_kv_cache import GPTModelKV, decode_rows, decode_threads, forward_cached, generate_stream, inference_weights
+from gpt_kv_cache import (
+    GPTModelKV,
+    compile_enabled,
+    decode_rows,
+    decode_threads,
+    forward_cached,
+    generate_stream,
+    inference_weights,
+)
 from previous_chapters import GPT_CONFIG_124M, GPTModel, generate, get_tokenizer
 
 BENCHMARK_CONFIGS = {
@@ -55,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--profile", action="store_true",
                         help="Only profile plain (uncompiled) one-token steps with torch.profiler and print "
                              "where the time goes.")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="Only time the compiled step's parts (output head, transformer blocks), float32 "
+                             "and int8, against the speed of a sum.")
     parser.add_argument("--seed", type=int, default=123, help="Seed of the random weights.")
     return parser
 
@@ -191,6 +203,54 @@ def profile_steps(model: GPTModelKV, prompt_ids: list[int], steps: int = 20) -> 
           f"summing a buffer reads {bandwidth / 1e9:.1f} GB/s")
 
 
+def best_seconds(run, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@torch.inference_mode()
+def time_step_parts(model: GPTModelKV, int8: bool, bandwidth: float, repeats: int) -> None:
+    """Print how fast the compiled step's output head and its blocks read their weights."""
+    from gpt_kv_cache import _STEP
+
+    weights = inference_weights(model, int8=int8)
+    cache = model.new_cache(capacity=64)
+    forward_cached(weights, torch.tensor([[1, 2, 3, 4]]), cache)
+    for _ in range(3):  # compiles
+        decode_rows(weights, torch.tensor([5]), torch.tensor([cache.length]), cache)
+        cache.length += 1
+    block_fn, head_fn = _STEP.get(compile_enabled())
+    x, position = torch.randn(1, weights.tok_emb.shape[1]), torch.tensor([cache.length])
+
+    def blocks():
+        for i, block in enumerate(weights.blocks):
+            block_fn(x, block, cache.keys[i], cache.values[i], position, cache.length, weights.n_heads, weights.eps)
+
+    parts = {"output head": (lambda: head_fn(x, weights.final_norm, weights.head, weights.eps),
+                             [weights.head.weight]),
+             "transformer blocks": (blocks, [lin.weight for b in weights.blocks
+                                             for lin in (b.query, b.key, b.value, b.out_proj, b.expand, b.project)])}
+    for name, (run, tensors) in parts.items():
+        seconds = best_seconds(run, repeats)
+        n_bytes = sum(t.numel() * t.element_size() for t in tensors)
+        print(f"{'int8' if int8 else 'float32':<8} {name:<19} {n_bytes / seconds / 1e9:5.1f} GB/s "
+              f"({n_bytes / seconds / bandwidth:4.0%} of the sum; "
+              f"{sum(t.numel() for t in tensors) / seconds / 1e9:.1f} billion weights/s)")
+
+
+def breakdown(model: GPTModelKV, repeats: int = 10) -> None:
+    """Read speed of the compiled step's parts, float32 and int8, against a sum's."""
+    per_token = weight_bytes_per_token(model)
+    bandwidth = measure_read_bandwidth(min(1 << 30, max(1 << 28, 2 * per_token)), 1.0)
+    print(f"summing a buffer: {bandwidth / 1e9:.1f} GB/s")
+    for int8 in (False, True):
+        time_step_parts(model, int8, bandwidth, repeats)
+
+
 def make_methods(model: GPTModelKV, args: argparse.Namespace, prompt_ids: list[int], cfg: dict) -> dict:
     """name -> function(n) that generates n tokens greedily and returns them."""
     threads = torch.get_num_threads()  # the count the ceiling is measured with
@@ -269,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(cfg, args.seed)
     if args.profile:
         profile_steps(model, prompt_ids)
+        return 0
+    if args.breakdown:
+        breakdown(model)
         return 0
     per_token = weight_bytes_per_token(model)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, model {args.model} "

@@ -269,6 +269,9 @@ def test_benchmark_runs_at_tiny_scale(capsys):
     out = capsys.readouterr().out
     assert "GB/s" in out and out.count("tokens/s  (") == 4  # ours, int8, plain, transformers
     assert "'ours, KV cache, plain' vs ours: 8/8 equal" in out and "'transformers generate' vs ours: 8/8" in out
+    assert main(["--model", "tiny", "--breakdown"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("output head") == 2 and out.count("transformer blocks") == 2  # float32 and int8
     for bad in (["--new-tokens", "0"], ["--threads", "0"], ["--prompt", ""]):
         assert main(["--model", "tiny", *bad]) == 2
 
