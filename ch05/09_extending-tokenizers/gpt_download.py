@@ -4,17 +4,15 @@
     gpt = GPTModel(config_from_hparams(settings))
     load_weights_into_gpt(gpt, params)     # from previous_chapters.py (or from here)
 
-A file is downloaded once (resuming, retrying, from the backup mirror if OpenAI's
-storage fails) and kept under its final name only once verified. The weights are read
-with the TensorFlow-free `tf_checkpoint_reader.py` when it sits beside this file, else
-with TensorFlow as in the book. GPT2_BASE_URL (or `base_url=`) points the download at
-another mirror or a local folder laid out as `<base>/<model_size>/<file>`.
+Each file is downloaded once (resumed, retried, else from the backup mirror) and gets
+its final name only once verified. GPT2_BASE_URL (or `base_url=`) points the download at
+another mirror or a local folder laid out as `<base>/<model_size>/<file>`. The weights
+are read by `tf_checkpoint_reader.py` when it sits beside this file, else by TensorFlow.
 
 Shared file. The canonical copy is ch05/01_main-chapter-code/gpt_download.py;
 `make sync` (scripts/sync_shared_code.py) overwrites the copies in the other ch05
 folders with it, so edit the canonical file, never a copy.
 """
-
 import errno
 import hashlib
 import http.client
@@ -78,8 +76,8 @@ def download_and_load_gpt2(model_size: str, models_dir: str | Path, *, base_url:
     Returns `(settings, params)`: hparams.json and the weights as a nested dict of NumPy
     arrays (`blocks`, `wte`, `wpe`, `g`, `b`), as in the book. `reader` is "numpy"
     (tf_checkpoint_reader.py, no TensorFlow) or "tensorflow"; by default the first if
-    that file is here. A file found damaged while reading is renamed `<name>.corrupt`,
-    so the next call downloads it again.
+    that file is here. A file found damaged while reading is renamed `<name>.corrupt`
+    (nothing is deleted), so the next call downloads it again.
     """
     reader = reader or ("numpy" if (Path(__file__).parent / "tf_checkpoint_reader.py").is_file() else "tensorflow")
     if reader not in ("numpy", "tensorflow"):
@@ -93,14 +91,9 @@ def download_and_load_gpt2(model_size: str, models_dir: str | Path, *, base_url:
         damaged = getattr(err, "path", None)  # DamagedFileError, tf_checkpoint_reader.CorruptCheckpointError
         if damaged is None:
             raise
-        raise ValueError(f"{err} {_set_aside(damaged)}") from None
-
-
-def _set_aside(path: Path) -> str:
-    """Rename a damaged download to `<name>.corrupt` (nothing is deleted); say so."""
-    corrupt = path.with_name(path.name + ".corrupt")
-    os.replace(path, corrupt)
-    return f"It was renamed to {corrupt.name}; run again to download it anew."
+        corrupt = damaged.with_name(damaged.name + ".corrupt")
+        os.replace(damaged, corrupt)
+        raise ValueError(f"{err} It was renamed to {corrupt.name}; run again to download it anew.") from None
 
 
 # Downloading: each file is verified before it gets its final name.
@@ -109,8 +102,7 @@ def download_gpt2_files(model_size: str, models_dir: str | Path = "gpt2", *, bas
                         progress: bool = True) -> Path:
     """Make sure the seven files of GPT-2 `model_size` are in `models_dir/model_size`.
 
-    Files already there are used without any network access: a file only gets its
-    final name after it was downloaded completely and verified. Each missing file comes
+    Files already there are used without any network access. Each missing file comes
     from OpenAI, else the backup mirror (or only from `base_url`/GPT2_BASE_URL if set).
     """
     if model_size not in MODEL_SIZES:
@@ -118,8 +110,7 @@ def download_gpt2_files(model_size: str, models_dir: str | Path = "gpt2", *, bas
     model_dir = Path(models_dir) / model_size
     custom_source = base_url or os.environ.get(BASE_URL_ENV)
     for filename in FILENAMES:
-        destination = model_dir / filename
-        if destination.is_file():
+        if (model_dir / filename).is_file():
             continue
         if custom_source:  # a mirror of your own may hold other files (your model, a test model)
             url, backup_url, sha256, size = _join(custom_source, model_size, filename), None, None, None
@@ -127,8 +118,8 @@ def download_gpt2_files(model_size: str, models_dir: str | Path = "gpt2", *, bas
             url, backup_url = _join(BASE_URL, model_size, filename), _join(BACKUP_BASE_URL, model_size, filename)
             sha256, size = KNOWN_SHA256.get((model_size, filename)), KNOWN_SIZES.get((model_size, filename))
         try:
-            download_file(url, destination, backup_url, sha256=sha256, size=size, backoff=RETRY_BACKOFF_S,
-                          progress=progress)
+            download_file(url, model_dir / filename, backup_url, sha256=sha256, size=size,
+                          backoff=RETRY_BACKOFF_S, progress=progress)
         except (ConnectionError, ChecksumError) as err:
             raise ConnectionError(f"Could not get {filename} of GPT-2 {model_size}: {err}. Check the internet "
                                   f"connection, or set {BASE_URL_ENV} to a mirror or to a local folder that "
@@ -137,17 +128,10 @@ def download_gpt2_files(model_size: str, models_dir: str | Path = "gpt2", *, bas
 
 
 def _join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts]) if _is_url(base) else str(Path(_local_path(base), *parts))
-
-
-def _is_url(location: str) -> bool:
-    return urllib.parse.urlparse(location).scheme in ("http", "https")
-
-
-def _local_path(location: str) -> Path:
-    """A folder or file given as a path or as a file:// URL."""
-    is_file_url = location.startswith("file://")
-    return Path(urllib.request.url2pathname(urllib.parse.urlparse(location).path) if is_file_url else location)
+    """`base/part/...` as a URL; a local folder (path or file:// URL) becomes a file:// URL."""
+    if urllib.parse.urlparse(base).scheme not in ("http", "https", "file"):
+        base = Path(base).resolve().as_uri()
+    return "/".join([base.rstrip("/"), *(urllib.parse.quote(part) for part in parts)])
 
 
 def download_file(url: str, destination: str | Path, backup_url: str | None = None, *,
@@ -167,16 +151,17 @@ def download_file(url: str, destination: str | Path, backup_url: str | None = No
     if destination.is_file():
         return destination
     destination.parent.mkdir(parents=True, exist_ok=True)
-    if backup_url is None:
-        return _download_with_retries(url, destination, sha256, size, retries, backoff, timeout, progress)
-    try:
-        return _download_with_retries(url, destination, sha256, size, retries, backoff, timeout, progress)
-    except (ConnectionError, ChecksumError) as err:
-        print(f"Primary URL ({url}) failed: {err}. Trying the backup URL {backup_url}.")
+    errors = []
+    for source in [url] + ([backup_url] if backup_url else []):
+        if errors:
+            print(f"Primary URL ({url}) failed: {errors[0]}. Trying the backup URL {backup_url}.")
         try:
-            return _download_with_retries(backup_url, destination, sha256, size, retries, backoff, timeout, progress)
-        except (ConnectionError, ChecksumError) as backup_err:
-            raise ConnectionError(f"{err} | {backup_err}") from None
+            return _download_with_retries(source, destination, sha256, size, retries, backoff, timeout, progress)
+        except (ConnectionError, ChecksumError) as err:
+            if backup_url is None:
+                raise
+            errors.append(str(err))
+    raise ConnectionError(" | ".join(errors))
 
 
 def _download_with_retries(url: str, destination: Path, sha256: str | None, size: int | None, retries: int,
@@ -189,10 +174,7 @@ def _download_with_retries(url: str, destination: Path, sha256: str | None, size
     part = destination.with_name(destination.name + ".part")
     for attempt in range(1, retries + 1):  # every path through the loop returns, raises or retries
         try:
-            if _is_url(url):
-                server_size = _fetch_into(url, part, timeout, progress)
-            else:
-                server_size = _copy_into(_local_path(url), part)
+            server_size = _fetch_into(url, part, timeout, progress)
             _verify(part, server_size if server_size is not None else size, sha256, url)
             os.replace(part, destination)
             return destination
@@ -211,13 +193,13 @@ def _download_with_retries(url: str, destination: Path, sha256: str | None, size
                 raise OSError(errno.ENOSPC, f"Disk full: {err.strerror}, while downloading {url} to {destination} "
                                             "(partial file removed). Free some space or choose another models_dir."
                               ) from None
-            if isinstance(err, FileNotFoundError) or attempt == retries:
+            if isinstance(getattr(err, "reason", err), FileNotFoundError) or attempt == retries:
                 raise ConnectionError(f"{url}: {err} (after {attempt} attempts)") from None
         time.sleep(backoff * 2 ** (attempt - 1))
 
 
 def _fetch_into(url: str, part: Path, timeout: float, progress: bool) -> int | None:
-    """One HTTP request: append to `part` from where it ends. Returns the full file size, if known."""
+    """One request: append to `part` from where it ends. Returns the full file size, if known."""
     start = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
     try:
@@ -230,10 +212,18 @@ def _fetch_into(url: str, part: Path, timeout: float, progress: bool) -> int | N
             part.unlink()  # larger than the file on the server: not the same file, start over
         raise
     with response:
-        total = _total_size(response, start)
-        if response.status == 200 and start:  # the server ignored the Range header: start over
-            start = 0
-        _check_free_space(part, None if total is None else total - start)
+        if response.status == 206:  # the rest of the file, from `start`
+            match = re.fullmatch(r"bytes (\d+)-\d+/(\d+)", response.headers.get("Content-Range", ""))
+            if not match or int(match.group(1)) != start:
+                raise http.client.HTTPException(f"unexpected Content-Range {response.headers['Content-Range']!r}")
+            total = int(match.group(2))
+        else:  # the whole file (a server that ignores Range, or a local file): start over
+            start, length = 0, response.headers.get("Content-Length")
+            total = int(length) if length is not None else None
+        free = shutil.disk_usage(part.parent).free
+        if total is not None and free < total - start:  # fail before a long download that cannot fit
+            raise OSError(errno.ENOSPC, f"{total - start:,} bytes are needed in {part.parent} but only {free:,} "
+                                        "are free")
         with open(part, "ab" if start else "wb") as f, tqdm(
             total=total, initial=start, unit="B", unit_scale=True, desc=part.name[:-len(".part")],
             disable=not progress, leave=False,
@@ -242,32 +232,6 @@ def _fetch_into(url: str, part: Path, timeout: float, progress: bool) -> int | N
                 f.write(chunk)
                 bar.update(len(chunk))
     return total
-
-
-def _total_size(response, start: int) -> int | None:
-    """The full file size from Content-Range (a resumed, 206 response) or Content-Length."""
-    if response.status == 206:
-        match = re.fullmatch(r"bytes (\d+)-\d+/(\d+)", response.headers.get("Content-Range", ""))
-        if not match or int(match.group(1)) != start:
-            raise http.client.HTTPException(f"unexpected Content-Range {response.headers.get('Content-Range')!r}")
-        return int(match.group(2))
-    length = response.headers.get("Content-Length")
-    return int(length) if length is not None else None
-
-
-def _check_free_space(path: Path, needed: int | None) -> None:
-    """Fail before a long download that cannot fit, rather than after it."""
-    free = shutil.disk_usage(path.parent).free
-    if needed is not None and free < needed:
-        raise OSError(errno.ENOSPC, f"{needed:,} bytes are needed in {path.parent} but only {free:,} are free")
-
-
-def _copy_into(source: Path, part: Path) -> int:
-    if not source.is_file():
-        raise FileNotFoundError(f"{source} does not exist")
-    _check_free_space(part, source.stat().st_size)
-    shutil.copyfile(source, part)
-    return source.stat().st_size
 
 
 def _verify(part: Path, expected_size: int | None, sha256: str | None, url: str) -> None:

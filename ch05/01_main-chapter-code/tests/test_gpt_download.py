@@ -333,6 +333,23 @@ def test_a_local_folder_works_as_the_base(gpt2_test_server, tmp_path, monkeypatc
     assert copied.read_bytes() == (gpt2_test_server.folder / "vocab.bpe").read_bytes()
 
 
+def test_a_local_folder_missing_a_file_fails_at_once(gpt2_test_server, tmp_path, monkeypatch):
+    (tmp_path / "mirror" / "124M").mkdir(parents=True)
+    monkeypatch.setattr(gpt_download, "RETRY_BACKOFF_S", 60.0)  # a retry would make the test hang
+    monkeypatch.setenv("GPT2_BASE_URL", (tmp_path / "mirror").as_uri())  # a file:// URL works too
+    with pytest.raises(ConnectionError, match="Could not get checkpoint of GPT-2 124M.*after 1 attempts"):
+        download_gpt2_files("124M", tmp_path / "models", progress=False)
+
+
+def test_a_leftover_part_file_is_replaced_when_copying_from_a_local_folder(gpt2_test_server, tmp_path):
+    source = gpt2_test_server.folder / "vocab.bpe"
+    destination = tmp_path / "vocab.bpe"
+    destination.with_name("vocab.bpe.part").write_bytes(b"stale bytes of an earlier attempt")
+    download_file(source.as_uri(), destination, progress=False)
+    assert destination.read_bytes() == source.read_bytes()
+    assert not destination.with_name("vocab.bpe.part").exists()
+
+
 #####################################
 # Bad input
 #####################################
