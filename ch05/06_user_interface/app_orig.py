@@ -22,7 +22,7 @@ from ch05_utils import get_device
 from gpt_download import GPT2_CONFIGS, config_from_hparams, download_and_load_gpt2, load_weights_into_gpt
 from gpt_kv_cache import GPTModelKV
 from ui_chainlit_handlers import answer, start_chat, update_settings
-from ui_chat_core import ChatModel, int8_requested, make_chat_model, max_batch_requested, warm_up
+from ui_chat_core import ChatModel, course_names, int8_requested, make_chat_model, max_batch_requested, warm_up
 
 MODEL_SIZE_ENV = "GPT2_MODEL_SIZE"
 MODELS_DIR_ENV = "GPT2_MODELS_DIR"
@@ -55,6 +55,17 @@ def load_model() -> tuple[ChatModel | None, str | None]:
 CHAT, LOAD_ERROR = load_model()
 
 
+def get_model_and_tokenizer() -> tuple:
+    """The course's name for what this app serves: (tokenizer, model, model_config).
+    The model is loaded once, at start-up; if that failed, this raises with the reason."""
+    return course_names(CHAT, LOAD_ERROR)
+
+
+# The course's module-level names, for code that imports them from this app (None without a model).
+tokenizer, model, model_config = get_model_and_tokenizer() if CHAT else (None, None, None)
+device = next(model.parameters()).device if CHAT else None
+
+
 @cl.on_chat_start
 async def on_chat_start() -> None:
     await start_chat(CHAT, LOAD_ERROR)
@@ -66,5 +77,5 @@ async def on_settings_update(settings: dict) -> None:
 
 
 @cl.on_message
-async def on_message(message: cl.Message) -> None:
+async def main(message: cl.Message) -> None:  # the course's name for the handler
     await answer(CHAT, LOAD_ERROR, message)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import chainlit as cl
 from ui_chainlit_handlers import answer, start_chat, update_settings
-from ui_chat_core import ChatModel, int8_requested, load_own_checkpoint, max_batch_requested, warm_up
+from ui_chat_core import ChatModel, course_names, int8_requested, load_own_checkpoint, max_batch_requested, warm_up
 
 CHECKPOINT_ENV = "CH05_CHECKPOINT"
 CHAPTER_DIR = Path(__file__).resolve().parent.parent / "01_main-chapter-code"
@@ -65,6 +65,17 @@ def load_model() -> tuple[ChatModel | None, str | None]:
 CHAT, LOAD_ERROR = load_model()
 
 
+def get_model_and_tokenizer() -> tuple:
+    """The course's name for what this app serves: (tokenizer, model, model_config).
+    The model is loaded once, at start-up; if that failed, this raises with the reason."""
+    return course_names(CHAT, LOAD_ERROR)
+
+
+# The course's module-level names, for code that imports them from this app (None without a model).
+tokenizer, model, model_config = get_model_and_tokenizer() if CHAT else (None, None, None)
+device = next(model.parameters()).device if CHAT else None
+
+
 @cl.on_chat_start
 async def on_chat_start() -> None:
     await start_chat(CHAT, LOAD_ERROR)
@@ -76,5 +87,5 @@ async def on_settings_update(settings: dict) -> None:
 
 
 @cl.on_message
-async def on_message(message: cl.Message) -> None:
+async def main(message: cl.Message) -> None:  # the course's name for the handler
     await answer(CHAT, LOAD_ERROR, message)

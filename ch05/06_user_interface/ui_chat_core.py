@@ -120,6 +120,16 @@ def load_own_checkpoint(path: str | Path, device: str = "auto", *, int8: bool = 
                            max_batch=max_batch)
 
 
+
+def course_names(chat: ChatModel | None, load_error: str | None) -> tuple[tiktoken.Encoding, GPTModelKV, dict]:
+    """What the course's `get_model_and_tokenizer()` returns: (tokenizer, model, model_config).
+
+    Raises RuntimeError with the message the page shows if the app has no model."""
+    if chat is None:
+        raise RuntimeError(load_error)
+    config = config_from_state_dict(chat.model.state_dict(), n_heads=chat.model.trf_blocks[0].att.num_heads)
+    return chat.tokenizer, chat.model, config
+
 #####################################
 # Settings
 #####################################

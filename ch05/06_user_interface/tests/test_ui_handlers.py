@@ -81,13 +81,34 @@ def test_app_own_loads_the_checkpoint_in_eval_mode(app_own):
     assert app_own.CHAT.context_length == 64 and not app_own.CHAT.model.training
 
 
+def test_app_own_offers_the_courses_names(app_own, tiny_checkpoint):
+    """The course's app defines get_model_and_tokenizer() and module-level tokenizer,
+    model, model_config and device; ours serves the same objects under those names."""
+    tokenizer, model, model_config = app_own.get_model_and_tokenizer()
+    assert tokenizer is app_own.tokenizer is app_own.CHAT.tokenizer
+    assert model is app_own.model is app_own.CHAT.model
+    saved = torch.load(tiny_checkpoint, weights_only=True)["config"]
+    assert {k: model_config[k] for k in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers",
+                                         "qkv_bias")} == {k: saved[k] for k in ("vocab_size", "context_length",
+                                                                             "emb_dim", "n_heads", "n_layers",
+                                                                             "qkv_bias")}
+    assert app_own.model_config == model_config and app_own.device == torch.device("cpu")
+
+
+def test_get_model_and_tokenizer_without_a_model_raises_the_pages_message(monkeypatch, tmp_path):
+    app = load_app("app_own", monkeypatch, CH05_CHECKPOINT=tmp_path / "missing.pth")
+    assert app.model is None and app.device is None
+    with pytest.raises(RuntimeError, match="No checkpoint at"):
+        app.get_model_and_tokenizer()
+
+
 def test_message_reply_streams_and_matches_the_model(app_own, unescape):
     settings = GenerationSettings(temperature=1.0, top_k=40, top_p=0.9, max_new_tokens=25, seed=42)
 
     async def steps():
         await app_own.on_chat_start()
         cl.user_session.set(SETTINGS_KEY, settings)
-        await app_own.on_message(cl.Message(content="Every effort moves you"))
+        await app_own.main(cl.Message(content="Every effort moves you"))
 
     events = run_session(steps)
     chat = app_own.CHAT
@@ -106,7 +127,7 @@ def test_message_reply_streams_and_matches_the_model(app_own, unescape):
 def test_empty_message_gets_a_hint_and_no_generation(app_own):
     async def steps():
         await app_own.on_chat_start()
-        await app_own.on_message(cl.Message(content="  \n "))
+        await app_own.main(cl.Message(content="  \n "))
 
     events = run_session(steps)
     assert messages(events)[-1] == EMPTY_MESSAGE_REPLY
@@ -116,7 +137,7 @@ def test_empty_message_gets_a_hint_and_no_generation(app_own):
 def test_long_prompt_is_truncated_with_a_notice(app_own):
     async def steps():
         await app_own.on_chat_start()
-        await app_own.on_message(cl.Message(content="word " * 200))
+        await app_own.main(cl.Message(content="word " * 200))
 
     sent = messages(run_session(steps))
     assert any("only its last 32 tokens were used" in text for text in sent)  # 64 - 32 new tokens
@@ -157,7 +178,7 @@ def test_app_own_without_checkpoint_says_how_to_make_one(monkeypatch, tmp_path):
 
     async def steps():
         await app.on_chat_start()
-        await app.on_message(cl.Message(content="hello"))
+        await app.main(cl.Message(content="hello"))
 
     sent = messages(run_session(steps))
     assert len(sent) == 2 and all("gpt_train.py" in text for text in sent)
@@ -255,7 +276,7 @@ def test_app_orig_loads_openai_weights_and_matches_transformers(monkeypatch, tmp
     async def steps():
         await app.on_chat_start()
         cl.user_session.set(SETTINGS_KEY, greedy)
-        await app.on_message(cl.Message(content="Every effort moves you"))
+        await app.main(cl.Message(content="Every effort moves you"))
 
     expected_text = app.CHAT.tokenizer.decode([t for t in expected.tolist() if t != app.CHAT.tokenizer.eot_token])
     assert unescape(messages(run_session(steps))[-1]) == expected_text.split("<|endoftext|>")[0]
