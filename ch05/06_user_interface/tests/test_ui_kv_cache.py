@@ -1,5 +1,6 @@
 """The KV-cache model gives the chapter's model's results, only faster (float32, int8, batched rows)."""
 
+import gpt_kv_cache
 import pytest
 import torch
 import torch.nn as nn
@@ -140,6 +141,15 @@ def test_packed_weights_compute_the_same_products():
                                    rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("k", [768, 5000, 6400, 8193])
+def test_the_compiled_products_sum_long_rows_in_chunks_with_the_same_result(k):
+    """Rows over 4,096 (GPT-2 1558M's 6,400) are summed in equal chunks, so Inductor
+    does not fall back to its slow cascade sum; the result is still x @ weight.T."""
+    torch.manual_seed(4)
+    x, weight = torch.randn(2, 3, k), torch.randn(5, k)
+    torch.testing.assert_close(gpt_kv_cache._multiply_and_sum(x, weight), x @ weight.T, rtol=1e-4, atol=1e-3)
+
+
 #####################################
 # int8
 #####################################
@@ -152,6 +162,17 @@ def test_int8_scales_each_output_channel_by_its_largest_weight():
     assert quantized[:, 1].tolist() == [-127, 0, 4] and quantized[2, 0] == 127
     error = (quantized.float() * scale[:, None] - weight).abs()
     assert (error <= scale[:, None] / 2 + 1e-6).all()  # rounding: at most half a step per channel
+
+
+@pytest.mark.parametrize("rows", [1, 255, 256, 700])
+def test_int8_products_in_plain_pytorch_convert_blocks_of_rows(rows, monkeypatch):
+    """The prompt's pass converts int8 rows a block at a time; any row count gives
+    exactly the product with the whole matrix converted."""
+    monkeypatch.setattr(gpt_kv_cache, "INT8_ROWS_PER_BLOCK", 256)
+    torch.manual_seed(5)
+    weight = torch.randint(-127, 128, (rows, 48), dtype=torch.int8)
+    x = torch.randn(2, 7, 48)
+    torch.testing.assert_close(gpt_kv_cache._int8_linear(x, weight), x @ weight.float().T)
 
 
 def test_int8_logits_stay_close_and_mostly_agree_on_the_top_token():
